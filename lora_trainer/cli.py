@@ -1,0 +1,184 @@
+"""Command line: ``python -m lora_trainer <command>``.
+
+- ``train --config cfg.toml [--set key=value ...]``: train on a checkpoint file (+ its LDM yaml).
+- ``demo [--out DIR] [--set key=value ...]``: a tiny random SD1 model and a synthetic dataset, built on
+  the fly, trained 3 epochs on the CPU; leaves the model, dataset and config.toml in DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+from .config import TrainConfig
+from .errors import ConfigError, UserError
+
+log = logging.getLogger("lora_trainer")
+
+
+def _quiet_libraries() -> None:
+    """Keep third-party deprecation chatter (ldm, lightning, timm) out of the CLI's output."""
+    for cat in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=cat)
+    try:
+        from pytorch_lightning.utilities.warnings import LightningDeprecationWarning  # noqa: F401
+        warnings.filterwarnings("ignore", category=LightningDeprecationWarning)
+    except Exception:
+        pass
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _print_progress(p) -> None:
+    if p.phase == "training" and p.loss is not None and p.step:
+        eta = f", eta {p.eta:.0f}s" if p.eta is not None else ""
+        print(f"  epoch {p.epoch}/{p.total_epochs} step {p.step}/{p.total_steps} loss {p.loss:.4f}{eta}", flush=True)
+
+
+def cmd_train(args) -> int:
+    from .ldm_host import load_checkpoint
+    from .run import train
+    from .train.progress import Callbacks
+    cfg = TrainConfig.load(args.config).with_overrides(args.set or [])
+    _report_unknown(cfg)
+    cfg.validate()
+    if not cfg.pretrained_model_name_or_path:
+        raise UserError("pretrained_model_name_or_path is empty: the CLI trains on a checkpoint file; set it in "
+                        "the config or with --set pretrained_model_name_or_path=PATH.")
+    host = load_checkpoint(cfg.pretrained_model_name_or_path, cfg.model_config, device=args.device, vae=cfg.vae,
+                           v_parameterization=cfg.v_parameterization)
+    return _train_and_report(cfg, host, Callbacks(_print_progress if args.verbose else None))
+
+
+def _train_and_report(cfg: TrainConfig, host, callbacks, validation=None) -> int:
+    from .run import train
+    result = train(cfg, host, callbacks=callbacks,
+                   before_restore=validation.after if validation else None)
+    for line in result.dataset_summary:
+        print(f"dataset: {line}")
+    for e, loss in result.epoch_losses:
+        print(f"epoch {e}: mean loss {loss:.5f}")
+    for f in result.files:
+        print(f"saved {f}")
+    for s in result.samples:
+        print(f"sample {s}")
+    if result.stopped:
+        print("stopped before the end; the epochs listed above are saved")
+    return 0
+
+
+def _report_unknown(cfg: TrainConfig) -> None:
+    if cfg.unknown:
+        print("note: these config keys are not used by this trainer and are kept as they are: "
+              + ", ".join(sorted(cfg.unknown)), file=sys.stderr)
+
+
+class _Validation:
+    """Fixed-seed validation loss of the demo: measured before training and, with the trained network
+    still applied, after it."""
+
+    def __init__(self, host, cfg: TrainConfig):
+        from .run import build_data
+        self.host, self.cfg = host, cfg
+        data = build_data(cfg)
+        data.cache_latents(host.encode_images, "", False)
+        self.latents = data.latents
+        self.captions = [it.caption for it in data.items]
+        self.before = self._measure(None)
+        self.after_value: Optional[float] = None
+
+    def _measure(self, network) -> float:
+        from .train.validation import validation_loss
+        return validation_loss(self.host, self.latents, self.captions, max_token_length=self.cfg.max_token_length,
+                               clip_skip=self.cfg.clip_skip, network=network)
+
+    def after(self, network) -> None:
+        self.after_value = self._measure(network)
+
+
+def demo_config(out: Path) -> TrainConfig:
+    return TrainConfig(
+        train_data_dir=str(out / "dataset"), output_dir=str(out / "output"), output_name="demo",
+        pretrained_model_name_or_path=str(out / "model" / "tiny-sd1.safetensors"),
+        resolution="64", enable_bucket=True, min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=64,
+        network_dim=8, network_alpha=8.0, learning_rate=1e-3, text_encoder_lr=5e-4, optimizer_type="AdamW",
+        lr_scheduler="constant", max_train_epochs=3, train_batch_size=2, mixed_precision="no",
+        save_precision="fp16", max_token_length=75, clip_skip=1, seed=42, keep_tokens=1,
+        logging_dir=str(out / "logs"), log_prefix="demo-",
+        sample_prompts="trigger_a, red circle --w 64 --h 64 --s 8 --l 5 --d 1", sample_every_n_epochs=3)
+
+
+def cmd_demo(args) -> int:
+    from . import tiny
+    from .ldm_host import load_checkpoint
+    from .train.progress import Callbacks
+    t0 = time.time()
+    out = Path(args.out).resolve()
+    print(f"building a tiny random SD1 model and a synthetic dataset in {out}", flush=True)
+    model_dir = out / "model"
+    ckpt = model_dir / "tiny-sd1.safetensors"
+    if not ckpt.is_file():
+        tiny.save_checkpoint(tiny.build_model("sd1", model_dir, seed=0), model_dir, "sd1")
+    if not (out / "dataset").is_dir():
+        tiny.make_dataset(out / "dataset")
+    cfg = demo_config(out)
+    cfg.save(out / "config.toml")
+    cfg = cfg.with_overrides(args.set or [])
+    cfg.validate()
+    host = load_checkpoint(str(ckpt), device=args.device)
+    validation = _Validation(host, cfg)
+    print(f"training {cfg.max_train_epochs} epochs on {args.device} (rerun: python -m lora_trainer train "
+          f"--config {out / 'config.toml'})", flush=True)
+    rc = _train_and_report(cfg, host, Callbacks(_print_progress if args.verbose else None), validation)
+    print(f"validation loss: {validation.before:.5f} -> {validation.after_value:.5f}")
+    print(f"done in {time.time() - t0:.1f}s")
+    return rc
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lora_trainer", description="Train kohya-compatible LoRAs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print every progress update")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train on a checkpoint file as a TOML config says")
+    p.add_argument("--config", required=True, help="TOML config (sd-scripts names)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (TOML syntax)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("demo", help="train a tiny random model on a synthetic dataset (CPU, under a minute)")
+    p.add_argument("--out", default="demo_out", help="folder for the model, dataset, config and outputs")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (TOML syntax)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_demo)
+    from .post.cli import add_post_commands
+    add_post_commands(sub)
+    args = parser.parse_args(argv)
+    if getattr(args, "verbose", False):
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:
+        return False

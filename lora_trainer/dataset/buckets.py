@@ -1,0 +1,59 @@
+"""Aspect-ratio buckets: every image trains at the bucket whose shape is closest to its own, with an
+area no larger than the training resolution's; the image is scaled to cover the bucket, then centre-cropped."""
+from __future__ import annotations
+
+import math
+from typing import List, Tuple
+
+Size = Tuple[int, int]
+
+
+def make_buckets(resolution: Size, min_reso: int, max_reso: int, step: int) -> List[Size]:
+    max_area = resolution[0] * resolution[1]
+    out = set()
+    w = min_reso
+    while w <= max_reso:
+        h = min(max_reso, (max_area // w) // step * step)
+        if h >= min_reso:
+            out.add((w, h))
+            out.add((h, w))
+        w += step
+    side = int(math.sqrt(max_area)) // step * step
+    if min_reso <= side <= max_reso:
+        out.add((side, side))
+    if not out:
+        out.add((resolution[0] // step * step or step, resolution[1] // step * step or step))
+    return sorted(out)
+
+
+def choose_bucket(size: Size, buckets: List[Size], no_upscale: bool = False) -> Size:
+    w, h = size
+    ar = math.log(w / h)
+    cands = buckets
+    if no_upscale:
+        fit = [b for b in buckets if b[0] * b[1] <= w * h]
+        cands = fit or [min(buckets, key=lambda b: b[0] * b[1])]
+    # closest aspect ratio, then the largest area among equally close ones
+    return min(cands, key=lambda b: (round(abs(math.log(b[0] / b[1]) - ar), 6), -b[0] * b[1]))
+
+
+def fixed_bucket(resolution: Size) -> Size:
+    return resolution
+
+
+def load_resized(path, bucket: Size):
+    """The image as a (3,H,W) float tensor in [-1,1], scaled to cover ``bucket`` and centre-cropped."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    bw, bh = bucket
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = max(bw / w, bh / h)
+        nw, nh = max(bw, round(w * s)), max(bh, round(h * s))
+        im = im.resize((nw, nh), Image.LANCZOS if s < 1 else Image.BICUBIC)
+        left, top = (nw - bw) // 2, (nh - bh) // 2
+        im = im.crop((left, top, left + bw, top + bh))
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

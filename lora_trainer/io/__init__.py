@@ -1,0 +1,1 @@
+"""File I/O: atomic writes, safetensors LoRA files, kohya metadata, WebUI-compatible hashes."""

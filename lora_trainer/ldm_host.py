@@ -1,0 +1,199 @@
+"""A host over Stability's LDM ``LatentDiffusion`` (SD1 epsilon, SD2 epsilon/v): the same classes the
+WebUI loads. Used by the standalone CLI and by the tests. Imports ``ldm`` lazily.
+
+Conditioning follows the WebUI's inference path: captions are cut into 75-token chunks, each chunk
+is wrapped in BOS/EOS and padded to 77, encoded separately, and the chunks are concatenated. Clip
+skip takes an earlier hidden layer and applies the final layer norm (SD1, as the WebUI does).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+from .host import BaseHost, fingerprint_module
+
+log = logging.getLogger(__name__)
+
+
+def fix_pytorch_lightning() -> None:
+    """ldm imports ``pytorch_lightning.utilities.distributed``, gone in PL >= 2 (the WebUI aliases it too)."""
+    import sys
+    try:
+        import pytorch_lightning.utilities.distributed  # noqa: F401
+    except ImportError:
+        try:
+            import pytorch_lightning.utilities.rank_zero as rz
+            sys.modules["pytorch_lightning.utilities.distributed"] = rz
+        except ImportError:
+            pass
+
+
+def instantiate(config: Dict[str, Any]) -> nn.Module:
+    """Build a LatentDiffusion from an OmegaConf-compatible dict, quietly (ldm prints to stdout)."""
+    import warnings
+    from omegaconf import OmegaConf
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lightning/timm deprecation notices on import
+        fix_pytorch_lightning()
+        from ldm.util import instantiate_from_config
+        return instantiate_from_config(OmegaConf.create(config).model)
+
+
+class LDMHost(BaseHost):
+    supports_sampling = True
+
+    def __init__(self, model: nn.Module, *, name: str = "model", model_hash: str = "", device: str = "cpu",
+                 vae_name: str = ""):
+        super().__init__()
+        self.model = model
+        self.device = torch.device(device)
+        self.unet = model.model.diffusion_model
+        self.cond = model.cond_stage_model
+        self.vae = model.first_stage_model
+        cls = type(self.cond).__name__
+        if cls == "FrozenOpenCLIPEmbedder":
+            self.model_kind, self.te_kind = "sd2", "openclip"
+        elif cls == "FrozenCLIPEmbedder":
+            self.model_kind, self.te_kind = "sd1", "hfclip"
+        else:
+            raise UserError(f"Unsupported text encoder {cls}: the LDM host trains SD1 and SD2 models.")
+        self.text_encoders = [("lora_te", self.cond)]
+        self.prediction_type = "v" if getattr(model, "parameterization", "eps") == "v" else "epsilon"
+        self.alphas_cumprod = model.alphas_cumprod.detach().float().to(self.device)
+        self.weight_dtype = next(self.unet.parameters()).dtype
+        self.scale_factor = float(model.scale_factor)
+        self._name, self._hash, self._vae_name = name, model_hash, vae_name
+        self._vae_fp: Optional[str] = None
+
+    def extra_modules(self) -> List[nn.Module]:
+        return [self.vae]
+
+    # -------------------------------------------------------------- images
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, next(self.vae.parameters()).dtype)
+        posterior = self.vae.encode(x)
+        return (posterior.mode() * self.scale_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(next(self.vae.parameters()).dtype) / self.scale_factor
+        return self.vae.decode(z).float().clamp(-1, 1)
+
+    # -------------------------------------------------------------- text
+    def _ids(self, caption: str) -> List[int]:
+        if self.te_kind == "hfclip":
+            return self.cond.tokenizer(caption, add_special_tokens=False, truncation=False)["input_ids"]
+        from open_clip.tokenizer import _tokenizer
+        return _tokenizer.encode(caption)
+
+    def _special(self):
+        if self.te_kind == "hfclip":
+            tok = self.cond.tokenizer
+            return tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        from open_clip.tokenizer import _tokenizer
+        return _tokenizer.encoder["<start_of_text>"], _tokenizer.encoder["<end_of_text>"], 0
+
+    def tokenize(self, captions: Sequence[str], max_token_length: int = 75) -> torch.Tensor:
+        """(B, chunks, 77) token ids; chunks = max_token_length / 75, longer captions are cut."""
+        n = max(1, max_token_length // 75)
+        bos, eos, pad = self._special()
+        out = torch.full((len(captions), n, 77), pad, dtype=torch.long)
+        for i, c in enumerate(captions):
+            ids = self._ids(c)[: 75 * n]
+            for j in range(n):
+                chunk = ids[75 * j: 75 * (j + 1)]
+                row = [bos] + chunk + [eos]
+                out[i, j, : len(row)] = torch.tensor(row)
+                if self.te_kind == "hfclip" and pad != eos:
+                    out[i, j, len(row):] = eos
+        return out
+
+    def encode_tokens(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        b, n, length = tokens.shape
+        flat = tokens.reshape(b * n, length).to(self.device)
+        if self.te_kind == "hfclip":
+            tm = self.cond.transformer
+            if clip_skip <= 1:
+                z = tm(input_ids=flat).last_hidden_state
+            else:
+                hs = tm(input_ids=flat, output_hidden_states=True).hidden_states[-clip_skip]
+                z = tm.text_model.final_layer_norm(hs)
+        else:
+            z = self.cond.encode_with_transformer(flat)
+        return z.reshape(b, n * length, z.shape[-1])
+
+    # -------------------------------------------------------------- UNet
+    def denoise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.unet(noisy_latents, timesteps, context=cond)
+
+    # -------------------------------------------------------------- previews
+    def sample(self, prompts, *, max_token_length: int = 75, clip_skip: int = 1, seed: int = 0, autocast=None):
+        from .sampling import ddim_sample, to_pil
+        return [to_pil(ddim_sample(self, sp, max_token_length=max_token_length, clip_skip=clip_skip,
+                                   default_seed=seed + i, autocast=autocast)) for i, sp in enumerate(prompts)]
+
+    # -------------------------------------------------------------- info
+    def model_info(self) -> Dict[str, str]:
+        return {"sd_model_name": self._name, "sd_model_hash": self._hash, "vae_name": self._vae_name}
+
+    def vae_fingerprint(self) -> str:
+        if self._vae_fp is None:
+            self._vae_fp = fingerprint_module(self.vae.encoder) + fingerprint_module(self.vae.quant_conv)[:8]
+        return self._vae_fp
+
+
+# ------------------------------------------------------------------ loading checkpoints
+def load_checkpoint(path: str, config: str = "", *, device: str = "cpu", vae: str = "",
+                    v2: bool = False, v_parameterization: bool = False) -> LDMHost:
+    """A host over a checkpoint file + LDM yaml (``config``). Without a yaml, the one beside the
+    checkpoint (same stem) is used."""
+    from .io.hashes import sha256_file
+    ckpt = Path(path)
+    if not ckpt.is_file():
+        raise UserError(f"pretrained_model_name_or_path {path!r} does not exist: point it at a .safetensors or .ckpt file.")
+    yaml = Path(config) if config else ckpt.with_suffix(".yaml")
+    if not yaml.is_file():
+        raise UserError(f"No model config for {ckpt.name}: put {ckpt.stem}.yaml beside it (the WebUI's v1-inference.yaml "
+                        "for SD1, v2-inference-v.yaml for SD2-v) or set model_config.")
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.to_container(OmegaConf.load(yaml), resolve=True)
+    for j in yaml.parent.glob("*.openclip.json"):  # tiny OpenCLIP architectures made by lora_trainer.tiny
+        import open_clip
+        named = j.with_name(j.name[: -len(".openclip.json")] + ".json")
+        if named.is_file():
+            open_clip.add_model_config(str(named))
+    params = cfg["model"]["params"]
+    if v_parameterization:
+        params["parameterization"] = "v"
+    params.setdefault("cond_stage_config", {}).setdefault("params", {})["device"] = device
+    model = instantiate(cfg)
+    sd = load_state_dict(ckpt)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    core_missing = [k for k in missing if k.startswith("model.diffusion_model.")]
+    if core_missing:
+        raise UserError(f"{ckpt.name} does not fit {yaml.name}: {len(core_missing)} UNet weights missing "
+                        f"(e.g. {core_missing[0]}). Use the yaml made for this checkpoint.")
+    if vae:
+        vsd = load_state_dict(Path(vae))
+        vsd = {k[len("first_stage_model."):] if k.startswith("first_stage_model.") else k: v for k, v in vsd.items()}
+        model.first_stage_model.load_state_dict(vsd, strict=False)
+    model.to(device)
+    return LDMHost(model, name=ckpt.name, model_hash=sha256_file(ckpt)[:10], device=device,
+                   vae_name=Path(vae).name if vae else "")
+
+
+def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    return obj.get("state_dict", obj)

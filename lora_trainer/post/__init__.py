@@ -1,0 +1,1 @@
+"""Post-training tools on LoRA files: resize, check, merge, extract, combine."""

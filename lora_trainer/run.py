@@ -1,0 +1,285 @@
+"""The one entry both front ends call: config + host -> dataset -> latent cache -> network ->
+optimizer/schedule -> loop -> saved epochs. Knows nothing of gradio or argparse.
+
+Under the host's lock, the model is prepared (frozen) and always restored, whatever happens:
+success, a stop request, or an exception.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .config import TrainConfig
+from .dataset.captions import CaptionRules
+from .dataset.folders import scan_dataset, tag_frequency
+from .dataset.train_data import TrainData
+from .errors import TrainingDiverged, UserError
+from .io.lora_file import NonFiniteWeights, load_lora, save_lora, zero_tensors
+from .io.metadata import build_metadata, per_save
+from .networks.network import LoRANetwork
+from .optim import create_optimizer, create_schedule, warmup_steps
+from .sampling import parse_prompts
+from .train.checkpointing import gradient_checkpointing
+from .train.loop import EpochHooks, StepSettings, run_epochs
+from .train.precision import Precision
+from .train.progress import Callbacks, Commands, Progress
+from .train.tb_log import TBLogger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """What a config will do on a dataset, before any model work (the dataset doctor's numbers)."""
+    iterations_per_epoch: int
+    steps_per_epoch: int          # optimizer steps
+    epochs: int
+    total_steps: int
+    warmup_steps: int
+
+
+@dataclass
+class RunResult:
+    files: List[Path] = field(default_factory=list)
+    final_file: Optional[Path] = None
+    epochs_done: int = 0
+    steps_done: int = 0
+    stopped: bool = False
+    epoch_losses: List[tuple] = field(default_factory=list)
+    step_losses: List[tuple] = field(default_factory=list)
+    samples: List[Path] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    dataset_summary: List[str] = field(default_factory=list)
+
+
+def plan(cfg: TrainConfig, data: TrainData) -> Plan:
+    micro = data.steps_per_epoch()
+    per_epoch = max(1, math.ceil(micro / cfg.gradient_accumulation_steps))
+    if cfg.max_train_epochs:
+        epochs = cfg.max_train_epochs
+        total = epochs * per_epoch
+        if cfg.max_train_steps:
+            total = min(total, cfg.max_train_steps)
+    else:
+        total = int(cfg.max_train_steps or 0)
+        epochs = math.ceil(total / per_epoch)
+    return Plan(data.scan.iterations_per_epoch, per_epoch, epochs, total, warmup_steps(cfg.lr_warmup_steps, total))
+
+
+def build_data(cfg: TrainConfig) -> TrainData:
+    res = cfg.resolution_wh()
+    scan = scan_dataset(cfg.train_data_dir, cfg.caption_extension,
+                        min_side=cfg.min_bucket_reso if cfg.enable_bucket else min(res))
+    rules = CaptionRules(cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_dropout_rate, cfg.caption_tag_dropout_rate)
+    return TrainData(scan, resolution=res, enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso,
+                     max_bucket_reso=cfg.max_bucket_reso, bucket_reso_steps=cfg.bucket_reso_steps,
+                     bucket_no_upscale=cfg.bucket_no_upscale, batch_size=cfg.train_batch_size,
+                     caption_rules=rules, seed=cfg.seed)
+
+
+def create_network(cfg: TrainConfig, host) -> LoRANetwork:
+    na = cfg.network_args_dict()
+    known = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}
+    unknown = sorted(set(na) - known)
+    if unknown:
+        raise UserError(f"network_args {unknown} are not understood by {cfg.network_module}; "
+                        f"it takes {sorted(known)}.")
+    if cfg.network_module != "networks.lora":
+        raise UserError(f"network_module {cfg.network_module!r} is not available yet: use networks.lora.")
+    conv_dim = int(na["conv_dim"]) if "conv_dim" in na else None
+    conv_alpha = float(na.get("conv_alpha", 1.0)) if conv_dim else None
+    net = LoRANetwork.create(
+        host.unet if cfg.train_unet() else None, host.text_encoders if cfg.train_text_encoder() else [],
+        dim=cfg.network_dim, alpha=cfg.network_alpha, conv_dim=conv_dim, conv_alpha=conv_alpha,
+        dropout=cfg.network_dropout, rank_dropout=na.get("rank_dropout"), module_dropout=na.get("module_dropout"),
+        unet_key_style="ldm" if host.model_kind == "sdxl" else "diffusers")
+    return net
+
+
+def epoch_file_name(output_name: str, epoch: int) -> str:
+    return f"{output_name}-{epoch:06d}"
+
+
+def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, commands: Optional[Commands] = None,
+          progress: Optional[Progress] = None, before_restore: Optional[Callable[[LoRANetwork], None]] = None,
+          on_saved: Optional[Callable[[Path, Dict[str, str]], None]] = None) -> RunResult:
+    """Train a LoRA as ``cfg`` says on ``host``. Raises :class:`UserError` for anything the user can fix."""
+    cfg.validate()
+    callbacks = callbacks or Callbacks()
+    commands = commands or Commands()
+    progress = progress or Progress()
+    result = RunResult()
+    progress.phase = "preparing"
+    callbacks.progress(progress)
+
+    data = build_data(cfg)
+    result.dataset_summary = data.scan.summary_lines()
+    result.warnings += data.scan.warnings + [f"skipped {p}: {why}" for p, why in data.scan.skipped]
+    for w in result.warnings:
+        log.warning(w)
+    pl = plan(cfg, data)
+    if pl.total_steps < 1:
+        raise UserError("This run has no steps: raise max_train_epochs or max_train_steps.")
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompts = parse_prompts(cfg.sample_prompts, cfg.resolution_wh()) if cfg.sample_every_n_epochs else []
+
+    torch.manual_seed(cfg.seed)
+    started = time.time()
+    precision = Precision(cfg.mixed_precision, host.device)
+    tb = TBLogger(cfg.logging_dir, cfg.log_prefix)
+    network = None
+    with host.exclusive():
+        host.prepare()
+        try:
+            if cfg.cache_latents:
+                progress.phase = "caching"
+                callbacks.progress(progress)
+                data.cache_latents(host.encode_images, host.vae_fingerprint() if cfg.cache_latents_to_disk else "",
+                                   cfg.cache_latents_to_disk)
+                data.move_latents(host.device)
+            network = create_network(cfg, host).to(host.device)
+            if cfg.network_weights:
+                sd, _ = load_lora(Path(cfg.network_weights))
+                network.load_kohya_state_dict(sd)
+            network.apply()
+            groups = network.param_groups(cfg.effective_unet_lr(), cfg.effective_text_encoder_lr(),
+                                          cfg.train_unet(), cfg.train_text_encoder())
+            optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args_dict())
+            schedule = create_schedule(cfg.lr_scheduler, optimizer, total_steps=pl.total_steps,
+                                       warmup=pl.warmup_steps, num_cycles=cfg.lr_scheduler_num_cycles,
+                                       power=cfg.lr_scheduler_power)
+            metadata = build_metadata(
+                cfg, model_kind=host.model_kind, prediction_type=host.prediction_type, model_info=host.model_info(),
+                dataset_dirs={c.folder: {"n_repeats": c.repeats, "img_count": c.images} for c in data.scan.concepts},
+                tag_frequency=tag_frequency(data.items), bucket_info=data.bucket_info() if cfg.enable_bucket else None,
+                num_train_images=pl.iterations_per_epoch, num_batches_per_epoch=data.steps_per_epoch(),
+                num_epochs=pl.epochs, max_train_steps=pl.total_steps, warmup_steps=pl.warmup_steps,
+                network_args=cfg.network_args_dict(),
+                optimizer_desc=f"{type(optimizer).__module__}.{type(optimizer).__name__}"
+                               + (f"({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else ""),
+                started_at=started)
+            settings = StepSettings(
+                clip_skip=cfg.clip_skip, max_token_length=cfg.max_token_length, noise_offset=cfg.noise_offset,
+                multires_noise_iterations=cfg.multires_noise_iterations,
+                multires_noise_discount=cfg.multires_noise_discount, min_snr_gamma=cfg.min_snr_gamma,
+                train_text_encoder=cfg.train_text_encoder() and bool(network.te_names),
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_grad_norm=cfg.max_grad_norm,
+                scale_weight_norms=cfg.scale_weight_norms)
+            progress.total_epochs = pl.epochs
+            progress.total_steps = pl.total_steps
+            saver = _Saver(cfg, network, metadata, out_dir, result, progress, on_saved)
+
+            def on_epoch_end(epoch: int, steps: int) -> None:
+                if epoch % cfg.save_every_n_epochs == 0 or epoch == pl.epochs or steps >= pl.total_steps:
+                    progress.phase = "saving"
+                    callbacks.progress(progress)
+                    saver.save_epoch(epoch, steps)
+                if prompts and epoch % cfg.sample_every_n_epochs == 0:
+                    _samples(cfg, host, network, prompts, epoch, out_dir, result, progress, precision)
+                progress.phase = "training"
+                callbacks.progress(progress)
+
+            with gradient_checkpointing(host.checkpoint_blocks(), cfg.gradient_checkpointing):
+                state = run_epochs(host=host, network=network, data=data, optimizer=optimizer, schedule=schedule,
+                                   precision=precision, s=settings, epochs=pl.epochs, total_steps=pl.total_steps,
+                                   progress=progress, callbacks=callbacks, commands=commands,
+                                   hooks=EpochHooks(on_epoch_end), tb=tb, seed=cfg.seed,
+                                   encode_images=host.encode_images)
+            result.steps_done = state.step
+            result.stopped = progress.stopped
+            result.epochs_done = len(progress.epoch_losses)
+            result.epoch_losses = list(progress.epoch_losses)
+            result.step_losses = list(progress.step_losses)
+            if not result.stopped:
+                result.final_file = saver.save_final(result.epochs_done, state.step)
+            progress.phase = "stopped" if result.stopped else "done"
+            callbacks.progress(progress)
+            if before_restore is not None:
+                before_restore(network)
+        finally:
+            if network is not None:
+                network.remove()
+            host.restore()
+            tb.close()
+            del network
+    return result
+
+
+class _Saver:
+    def __init__(self, cfg: TrainConfig, network: LoRANetwork, metadata: Dict[str, str], out_dir: Path,
+                 result: RunResult, progress: Progress, on_saved):
+        self.cfg, self.network, self.metadata, self.out_dir = cfg, network, metadata, out_dir
+        self.result, self.progress, self.on_saved = result, progress, on_saved
+        self.epoch_files: List[Path] = []
+
+    def _write(self, stem: str, epoch: int, steps: int) -> Path:
+        tensors = self.network.kohya_state_dict()
+        path = self.out_dir / f"{stem}.safetensors"
+        try:
+            meta = save_lora(path, tensors, per_save(self.metadata, output_name=stem, epoch=epoch, steps=steps),
+                             self.cfg.save_precision)
+        except NonFiniteWeights as e:
+            raise TrainingDiverged(str(e)) from None
+        zeros = zero_tensors({k: v for k, v in tensors.items() if "lora_up" in k})
+        if zeros:
+            log.info("%s: %d of %d lora_up tensors are all zero (untrained layers: with clip_skip > 1 the last "
+                     "text-encoder layers get no gradient; many more mean fp16 underflow)", path.name, len(zeros),
+                     sum("lora_up" in k for k in tensors))
+        self.result.files.append(path)
+        self.progress.files.append(str(path))
+        if self.on_saved is not None:
+            try:
+                self.on_saved(path, meta)
+            except Exception:
+                log.exception("on_saved callback failed for %s", path)
+        return path
+
+    def save_epoch(self, epoch: int, steps: int) -> Path:
+        path = self._write(epoch_file_name(self.cfg.output_name, epoch), epoch, steps)
+        self.epoch_files.append(path)
+        keep = self.cfg.save_last_n_epochs
+        while keep and len(self.epoch_files) > keep:
+            old = self.epoch_files.pop(0)
+            try:
+                old.unlink()
+                self.result.files.remove(old)
+                self.progress.files.remove(str(old))
+            except (OSError, ValueError):
+                pass
+        return path
+
+    def save_final(self, epoch: int, steps: int) -> Path:
+        return self._write(self.cfg.output_name, epoch, steps)
+
+
+def _samples(cfg, host, network, prompts, epoch, out_dir: Path, result: RunResult, progress: Progress,
+             precision: Precision) -> None:
+    """Preview images with the network applied. A failure is logged, never raised: saves come first."""
+    if not getattr(host, "supports_sampling", False):
+        return
+    progress.phase = "sampling"
+    try:
+        network.eval()
+        images = host.sample(prompts, max_token_length=cfg.max_token_length, clip_skip=cfg.clip_skip,
+                             seed=cfg.seed, autocast=precision.autocast())
+        d = out_dir / "sample"
+        d.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            p = d / f"{cfg.output_name}_e{epoch:06d}_{i:02d}.png"
+            im.save(p)
+            result.samples.append(p)
+            progress.samples.append(str(p))
+    except Exception as e:
+        log.warning("sample images for epoch %d failed (%s: %s); training goes on", epoch, type(e).__name__, e)
+        result.warnings.append(f"samples for epoch {epoch} failed: {e}")
+    finally:
+        network.train()

@@ -1,0 +1,1 @@
+"""The training loop and its parts: noise and loss, precision, progress and commands."""

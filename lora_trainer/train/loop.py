@@ -1,0 +1,182 @@
+"""The training step and the epoch loop.
+
+The step reads top to bottom: encode captions, noise, predict, target by prediction type, loss,
+backward; every ``gradient_accumulation_steps`` micro-steps: unscale, clip, optimizer step,
+schedule, max-norm. Nothing in a step waits on the device: losses stay on the device and are read
+in blocks (``sync_every``), so the step can later be captured whole (CUDA graphs, torch.compile).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional
+
+import torch
+
+from .noise import add_noise, make_noise, min_snr_weight, per_sample_mse, target_for
+from .precision import Precision
+from .progress import Callbacks, Commands, Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepSettings:
+    clip_skip: int = 1
+    max_token_length: int = 75
+    noise_offset: Optional[float] = None
+    multires_noise_iterations: Optional[int] = None
+    multires_noise_discount: float = 0.3
+    min_snr_gamma: Optional[float] = None
+    train_text_encoder: bool = True
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    scale_weight_norms: Optional[float] = None
+
+
+@dataclass
+class LoopState:
+    step: int = 0                 # optimizer steps done
+    micro_step: int = 0
+    pending: List[tuple] = field(default_factory=list)   # (step, loss tensor) not yet read back
+    epoch_sum: Optional[torch.Tensor] = None
+    epoch_count: int = 0
+    norm_stats: Optional[tuple] = None
+
+
+def train_step(host, precision: Precision, s: StepSettings, latents: torch.Tensor, tokens: Any) -> torch.Tensor:
+    """Forward and backward of one micro-batch. Returns the (unscaled) loss, still on the device."""
+    acp = host.alphas_cumprod
+    te_grad = torch.enable_grad() if s.train_text_encoder else torch.no_grad()
+    with te_grad, precision.autocast():
+        cond = host.encode_tokens(tokens, s.clip_skip)
+    noise = make_noise(latents, noise_offset=s.noise_offset, multires_iterations=s.multires_noise_iterations,
+                       multires_discount=s.multires_noise_discount)
+    timesteps = torch.randint(0, acp.shape[0], (latents.shape[0],), device=latents.device)
+    noisy = add_noise(latents, noise, timesteps, acp)
+    with precision.autocast():
+        pred = host.denoise(noisy, timesteps, cond)
+    target = target_for(host.prediction_type, latents, noise, timesteps, acp)
+    loss = per_sample_mse(pred, target)
+    if s.min_snr_gamma:
+        loss = loss * min_snr_weight(timesteps, acp, s.min_snr_gamma, host.prediction_type)
+    loss = loss.mean()
+    precision.backward(loss / s.gradient_accumulation_steps)
+    return loss.detach()
+
+
+def optimizer_step(network, optimizer, schedule, precision: Precision, params: List[torch.nn.Parameter],
+                   s: StepSettings):
+    precision.unscale(optimizer)
+    if s.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+    precision.step(optimizer)
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    if s.scale_weight_norms:
+        return network.apply_max_norm(s.scale_weight_norms)
+    return None
+
+
+@dataclass
+class EpochHooks:
+    """What happens between epochs (saving, samples): supplied by run.py."""
+    on_epoch_end: Callable[[int, int], None]
+
+
+def run_epochs(*, host, network, data, optimizer, schedule, precision: Precision, s: StepSettings, epochs: int,
+               total_steps: int, progress: Progress, callbacks: Callbacks, commands: Commands, hooks: EpochHooks,
+               tb=None, seed: int = 0, sync_every: int = 10, encode_images=None) -> LoopState:
+    state = LoopState()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    caption_rng = random.Random(seed)
+    t0 = time.time()
+    network.train()
+    optimizer.zero_grad(set_to_none=True)
+    progress.phase = "training"
+    stop = False
+    for epoch in range(1, epochs + 1):
+        progress.epoch = epoch
+        state.epoch_sum, state.epoch_count = None, 0
+        for batch in data.epoch_batches(epoch):
+            if state.step >= total_steps:
+                break
+            latents = data.batch_latents(batch, encode_images).to(host.device)
+            tokens = host.tokenize(data.batch_captions(batch, caption_rng), s.max_token_length)
+            loss = train_step(host, precision, s, latents, tokens)
+            state.micro_step += 1
+            state.epoch_sum = loss if state.epoch_sum is None else state.epoch_sum + loss
+            state.epoch_count += 1
+            if state.micro_step % s.gradient_accumulation_steps == 0:
+                stats = optimizer_step(network, optimizer, schedule, precision, params, s)
+                state.step += 1
+                state.pending.append((state.step, loss, stats))
+                if state.step % sync_every == 0:
+                    _flush(state, progress, optimizer, tb)
+                    _report(progress, state, total_steps, t0, callbacks)
+            if commands.stop_requested():
+                stop = True
+                break
+        if state.micro_step % s.gradient_accumulation_steps:  # an epoch's last partial accumulation
+            stats = optimizer_step(network, optimizer, schedule, precision, params, s)
+            state.step += 1
+            state.pending.append((state.step, loss, stats))
+            state.micro_step = 0
+        _flush(state, progress, optimizer, tb)
+        if stop:
+            progress.message = f"stopped during epoch {epoch}; epochs before it are saved"
+            _report(progress, state, total_steps, t0, callbacks)
+            break
+        if state.epoch_count:
+            mean = (state.epoch_sum / state.epoch_count).item()
+            progress.epoch_loss = mean
+            progress.epoch_losses.append((epoch, mean))
+            if tb is not None:
+                tb.scalar("loss/epoch", mean, epoch)
+        _report(progress, state, total_steps, t0, callbacks)
+        hooks.on_epoch_end(epoch, state.step)
+        if state.step >= total_steps:
+            break
+    progress.stopped = stop
+    return state
+
+
+def _flush(state: LoopState, progress: Progress, optimizer, tb) -> None:
+    """Read the pending losses back from the device in one transfer."""
+    if not state.pending:
+        return
+    steps = [p[0] for p in state.pending]
+    losses = torch.stack([p[1].float() for p in state.pending]).cpu().tolist()
+    stats = [p[2] for p in state.pending if p[2] is not None]
+    state.pending.clear()
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for st, lo in zip(steps, losses):
+        progress.step_losses.append((st, lo))
+        if tb is not None:
+            tb.scalar("loss/current", lo, st)
+    if tb is not None:
+        for g, lr in zip(optimizer.param_groups, lrs):
+            tb.scalar(f"lr/{g.get('name', 'group')}", lr, steps[-1])
+            if "d" in g:  # adaptive optimizers (D-Adaptation, Prodigy)
+                tb.scalar(f"lr/d*lr/{g.get('name', 'group')}", g["d"] * lr, steps[-1])
+    progress.loss = losses[-1]
+    progress.lr = lrs[-1] if lrs else None
+    if stats:
+        keys_scaled, mean_norm, max_norm = (float(x) for x in stats[-1])
+        progress.message = f"average key norm {mean_norm:.4f}, keys scaled {int(keys_scaled)}"
+        if tb is not None:
+            tb.scalar("max_norm/keys_scaled", keys_scaled, steps[-1])
+            tb.scalar("max_norm/average_key_norm", mean_norm, steps[-1])
+            tb.scalar("max_norm/max_key_norm", max_norm, steps[-1])
+
+
+def _report(progress: Progress, state: LoopState, total_steps: int, t0: float, callbacks: Callbacks) -> None:
+    progress.step = state.step
+    progress.total_steps = total_steps
+    progress.elapsed = time.time() - t0
+    if state.step:
+        progress.eta = progress.elapsed / state.step * max(0, total_steps - state.step)
+    callbacks.progress(progress)
