@@ -62,6 +62,6 @@ def state_hash(host) -> str:
     for root in host.modules():
         for name, t in root.state_dict(keep_vars=True).items():
             h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
             h.update(b"1" if getattr(t, "requires_grad", False) else b"0")
     return h.hexdigest()

@@ -70,7 +70,7 @@ def _read_caption(path: Path) -> Optional[str]:
             break
         except UnicodeDecodeError:
             continue
-    return " ".join(text.replace("\r", "\n").split("\n")).strip()
+    return " ".join(line.strip() for line in text.replace("\r", "\n").split("\n") if line.strip())
 
 
 def _image_size(path: Path) -> Tuple[int, int]:
