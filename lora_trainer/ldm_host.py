@@ -36,7 +36,24 @@ def fix_pytorch_lightning() -> None:
             pass
 
 
-def instantiate(config: Dict[str, Any]) -> nn.Module:
+@contextlib.contextmanager
+def _text_encoder_from_config_only():
+    """Build HF CLIP text models from their config alone: the checkpoint brings the weights (as the
+    WebUI does), so nothing is read from, or fetched into, the Hugging Face cache but config and tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    original = CLIPTextModel.from_pretrained
+
+    def from_config(name, *args, **kwargs):
+        return CLIPTextModel(CLIPTextConfig.from_pretrained(name))
+
+    CLIPTextModel.from_pretrained = from_config
+    try:
+        yield
+    finally:
+        CLIPTextModel.from_pretrained = original
+
+
+def instantiate(config: Dict[str, Any], weights_from_checkpoint: bool = False) -> nn.Module:
     """Build a LatentDiffusion from an OmegaConf-compatible dict, quietly (ldm prints to stdout)."""
     import warnings
     from omegaconf import OmegaConf
@@ -44,7 +61,9 @@ def instantiate(config: Dict[str, Any]) -> nn.Module:
         warnings.simplefilter("ignore")  # lightning/timm deprecation notices on import
         fix_pytorch_lightning()
         from ldm.util import instantiate_from_config
-        return instantiate_from_config(OmegaConf.create(config).model)
+        ctx = _text_encoder_from_config_only() if weights_from_checkpoint else contextlib.nullcontext()
+        with ctx:
+            return instantiate_from_config(OmegaConf.create(config).model)
 
 
 class LDMHost(BaseHost):
@@ -175,12 +194,13 @@ def load_checkpoint(path: str, config: str = "", *, device: str = "cpu", vae: st
     if v_parameterization:
         params["parameterization"] = "v"
     params.setdefault("cond_stage_config", {}).setdefault("params", {})["device"] = device
-    model = instantiate(cfg)
+    model = instantiate(cfg, weights_from_checkpoint=True)
     sd = load_state_dict(ckpt)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    core_missing = [k for k in missing if k.startswith("model.diffusion_model.")]
+    core_missing = [k for k in missing if k.startswith(("model.diffusion_model.", "cond_stage_model.",
+                                                        "first_stage_model.")) and not k.endswith("position_ids")]
     if core_missing:
-        raise UserError(f"{ckpt.name} does not fit {yaml.name}: {len(core_missing)} UNet weights missing "
+        raise UserError(f"{ckpt.name} does not fit {yaml.name}: {len(core_missing)} weights missing "
                         f"(e.g. {core_missing[0]}). Use the yaml made for this checkpoint.")
     if vae:
         vsd = load_state_dict(Path(vae))
