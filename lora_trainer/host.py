@@ -128,3 +128,16 @@ def fingerprint_module(module: nn.Module, max_bytes_per_tensor: int = 1 << 16) -
         step = max(1, flat.numel() * flat.element_size() // max_bytes_per_tensor)
         h.update(flat[::step].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def model_state_hash(modules) -> str:
+    """SHA-256 over every tensor's bytes and every parameter's requires_grad flag."""
+    import hashlib
+    h = hashlib.sha256()
+    for root in modules:
+        for name, t in root.state_dict(keep_vars=True).items():
+            h.update(name.encode())
+            if t.numel():
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(b"1" if getattr(t, "requires_grad", False) else b"0")
+    return h.hexdigest()

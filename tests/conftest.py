@@ -57,11 +57,5 @@ def tiny_cfg(tmp_path, dataset_dir):
 
 def state_hash(host) -> str:
     """SHA-256 over every UNet/TE/VAE tensor's bytes, plus requires_grad flags."""
-    import hashlib
-    h = hashlib.sha256()
-    for root in host.modules():
-        for name, t in root.state_dict(keep_vars=True).items():
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            h.update(b"1" if getattr(t, "requires_grad", False) else b"0")
-    return h.hexdigest()
+    from lora_trainer.host import model_state_hash
+    return model_state_hash(host.modules())

@@ -29,8 +29,9 @@ def test_core_never_imports_the_webui():
 
 
 def test_webui_glue_imports_webui_only_inside_functions():
+    """scripts/ is loaded by the WebUI alone and may import it at the top; lora_trainer/webui/ may not."""
     bad = []
-    files = list((ROOT / "lora_trainer" / "webui").rglob("*.py")) + list((ROOT / "scripts").rglob("*.py"))
+    files = list((ROOT / "lora_trainer" / "webui").rglob("*.py"))
     for path in files:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in tree.body:  # module level only

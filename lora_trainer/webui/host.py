@@ -1,0 +1,182 @@
+"""The WebUI host: the Host protocol over ``shared.sd_model`` (SD1/SD2), the generation lock, and the
+clean-up the WebUI's Lora extension needs (it merges LoRAs into the weights in place and leaves them).
+
+Text goes through the WebUI's own conditioning path (``cond_stage_model(texts)``), so chunking,
+emphasis and clip skip behave as at inference; the config's clip skip is set for the run only.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Dict, Iterator, List, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from ..host import BaseHost, fingerprint_module
+
+log = logging.getLogger(__name__)
+
+
+def _refuse_unsupported(sd_model) -> str:
+    from modules import devices, shared
+    if sd_model is None:
+        raise UserError("No model is loaded: pick a Stable Diffusion checkpoint at the top of the page first.")
+    if getattr(sd_model, "is_sdxl", False):
+        raise UserError("The loaded model is SDXL: this version trains SD1 and SD2 models. Load an SD1/SD2 checkpoint.")
+    if getattr(sd_model, "is_sd3", False) or not hasattr(sd_model, "cond_stage_model"):
+        raise UserError("The loaded model is not SD1/SD2 (e.g. SD3): load an SD1 or SD2 checkpoint to train.")
+    if getattr(shared.cmd_opts, "lowvram", False):
+        raise UserError("The WebUI runs with --lowvram, which moves every block off the GPU between forward and "
+                        "backward: training cannot work. Restart without --lowvram (use --medvram with the 8 GB preset).")
+    if getattr(devices, "fp8", False) or str(getattr(shared.opts, "fp8_storage", "Disable")) != "Disable":
+        raise UserError("FP8 weight storage is on (Settings > Optimizations > FP8 weight): turn it off and reload "
+                        "the checkpoint to train.")
+    return "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
+
+
+class WebUIHost(BaseHost):
+    supports_sampling = True
+
+    def __init__(self, sd_model=None, clip_skip: int = 1, train_text_encoder: bool = True):
+        super().__init__()
+        from modules import devices, shared
+        self.sd_model = sd_model if sd_model is not None else shared.sd_model
+        self.model_kind = _refuse_unsupported(self.sd_model)
+        if getattr(shared.cmd_opts, "medvram", False) and train_text_encoder:
+            raise UserError("The WebUI runs with --medvram, which moves the text encoder off the GPU while the UNet "
+                            "runs: train the UNet only (network_train_unet_only) or restart without --medvram.")
+        self.unet = self.sd_model.model.diffusion_model
+        self.cond = self.sd_model.cond_stage_model          # the WebUI's wrapper (chunks, emphasis, clip skip)
+        self.text_encoders = [("lora_te", self.cond.wrapped)]
+        self.vae = self.sd_model.first_stage_model
+        self.prediction_type = "v" if getattr(self.sd_model, "parameterization", "eps") == "v" else "epsilon"
+        self.device = devices.device
+        self.alphas_cumprod = self.sd_model.alphas_cumprod.detach().float().to(self.device)
+        self.weight_dtype = next(self.unet.parameters()).dtype
+        self.scale_factor = float(self.sd_model.scale_factor)
+        self.clip_skip = clip_skip
+        self._saved_opts: Dict[str, Any] = {}
+        self._vae_fp = None
+
+    def extra_modules(self) -> List[nn.Module]:
+        return [self.vae]
+
+    # -------------------------------------------------------------- lock and clean state
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the WebUI's generation lock: generation requests queue behind the run."""
+        from modules import call_queue, shared
+        with call_queue.queue_lock:
+            shared.state.begin(job="train-lora")
+            shared.state.textinfo = "Training LoRA: preparing"
+            try:
+                yield
+            finally:
+                shared.state.end()
+
+    def prepare(self) -> None:
+        from modules import shared
+        clean_foreign_networks(self.sd_model)
+        self._saved_opts = {"CLIP_stop_at_last_layers": shared.opts.data.get("CLIP_stop_at_last_layers", 1)}
+        shared.opts.data["CLIP_stop_at_last_layers"] = self.clip_skip
+        super().prepare()
+
+    def restore(self) -> None:
+        from modules import shared
+        try:
+            super().restore()
+            for root in self.modules():
+                for p in root.parameters():
+                    p.grad = None
+        finally:
+            for k, v in self._saved_opts.items():
+                shared.opts.data[k] = v
+            self._saved_opts = {}
+            try:
+                from modules import sd_unet
+                sd_unet.apply_unet()
+            except Exception:  # older/newer WebUIs
+                pass
+
+    # -------------------------------------------------------------- images
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        from modules import devices
+        x = images.to(self.device, devices.dtype_vae)
+        posterior = self.sd_model.encode_first_stage(x)
+        z = posterior.mode() if hasattr(posterior, "mode") else posterior
+        z = (z.float() * self.scale_factor)
+        if not torch.isfinite(z).all():
+            raise UserError("The VAE produced NaN latents (an fp16 VAE problem): start the WebUI with --no-half-vae "
+                            "or choose another VAE.")
+        return z
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        from modules import devices
+        z = latents.to(devices.dtype_vae) / self.scale_factor
+        return self.sd_model.decode_first_stage(z).float().clamp(-1, 1)
+
+    # -------------------------------------------------------------- text (the WebUI's conditioning path)
+    def tokenize(self, captions: Sequence[str], max_token_length: int = 75) -> List[str]:
+        return list(captions)
+
+    def encode_tokens(self, captions: List[str], clip_skip: int = 1) -> torch.Tensor:
+        return self.cond(captions)
+
+    # -------------------------------------------------------------- UNet
+    def denoise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.unet(noisy_latents, timesteps, context=cond)
+
+    # -------------------------------------------------------------- previews and info
+    def sample(self, prompts, *, max_token_length: int = 75, clip_skip: int = 1, seed: int = 0, autocast=None):
+        from ..sampling import ddim_sample, to_pil
+        return [to_pil(ddim_sample(self, sp, max_token_length=max_token_length, clip_skip=clip_skip,
+                                   default_seed=seed + i, autocast=autocast)) for i, sp in enumerate(prompts)]
+
+    def model_info(self) -> Dict[str, str]:
+        info = getattr(self.sd_model, "sd_checkpoint_info", None)
+        out = {"sd_model_name": getattr(info, "name", "") or "", "sd_model_hash": getattr(info, "hash", "") or "",
+               "sd_model_sha256": getattr(info, "sha256", "") or ""}
+        try:
+            from modules import sd_vae
+            out["vae_name"] = sd_vae.get_loaded_vae_name() or ""
+        except Exception:
+            pass
+        return out
+
+    def vae_fingerprint(self) -> str:
+        if self._vae_fp is None:
+            self._vae_fp = fingerprint_module(self.vae.encoder)
+        return self._vae_fp
+
+
+def clean_foreign_networks(sd_model) -> None:
+    """Unmerge every LoRA the WebUI merged into the weights (restoring its pristine backups), and turn
+    off hypernetworks, custom UNets and circular padding, so training sees the base model."""
+    try:
+        import networks  # the built-in Lora extension (already imported by the WebUI)
+    except ImportError:
+        networks = None
+    if networks is not None:
+        networks.loaded_networks.clear()
+        with torch.no_grad():  # base weights may still require grad here (the WebUI's default)
+            for m in list(sd_model.modules()):
+                if getattr(m, "network_weights_backup", None) is not None or \
+                        getattr(m, "network_bias_backup", None) is not None:
+                    networks.network_restore_weights_from_backup(m)
+                    m.network_current_names = ()
+    from modules import shared
+    shared.loaded_hypernetworks = []
+    try:
+        from modules import sd_unet
+        sd_unet.apply_unet("None")
+    except Exception:
+        pass
+    try:
+        from modules import sd_hijack
+        sd_hijack.model_hijack.apply_circular(False)
+    except Exception:
+        pass
