@@ -60,8 +60,12 @@ def get_service() -> TrainingService:
 
 
 def _prepare_config(cfg: TrainConfig) -> TrainConfig:
+    """Everything that can be refused is refused here, before a run starts (the API answers 400)."""
+    from modules import shared
     from ..dataset.triggers import trigger_words
     from ..run import build_data
+    from .host import _refuse_unsupported
+    _refuse_unsupported(shared.sd_model)
     if not cfg.output_dir:
         cfg = cfg.replace(output_dir=default_output_dir(cfg.output_name))
     cfg.validate()

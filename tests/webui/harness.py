@@ -56,7 +56,7 @@ class WebUI:
 
     # ------------------------------------------------------------ lifecycle
     def prepare(self) -> None:
-        for script in ("make_hf_clip_cache.py", "make_tiny_sd1.py"):
+        for script in ("make_hf_clip_cache.py", "make_tiny_sd1.py", "make_tiny_sdxl.py"):
             subprocess.run([self.python, str(self.harness / script)], env=self.env, check=True, capture_output=True,
                            timeout=600)
         if self.install_extension:
@@ -83,6 +83,12 @@ class WebUI:
     @property
     def checkpoint(self) -> Path:
         return self.home / "models" / "Stable-diffusion" / "tiny-sd1.safetensors"
+
+    def switch_checkpoint(self, stem: str) -> None:
+        status, r = self.call("/sdapi/v1/options", {"sd_model_checkpoint": stem + ".safetensors"})
+        assert status == 200, r
+        _, opts = self.call("/sdapi/v1/options")
+        assert str(opts.get("sd_model_checkpoint", "")).startswith(stem + "."), opts.get("sd_model_checkpoint")
 
     def log(self) -> str:
         p = self.home / "logs" / "webui.log"
