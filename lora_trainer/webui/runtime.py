@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import torch
+
 from ..config import TrainConfig
 from ..errors import UserError
 from ..service import TrainingService
@@ -66,6 +68,10 @@ def _prepare_config(cfg: TrainConfig) -> TrainConfig:
     from ..run import build_data
     from .host import _refuse_unsupported
     _refuse_unsupported(shared.sd_model)
+    unet_dtype = next(shared.sd_model.model.diffusion_model.parameters()).dtype
+    if cfg.mixed_precision == "no" and unet_dtype != torch.float32:
+        raise UserError(f"The loaded model is {str(unet_dtype).replace('torch.', '')} (the WebUI's default): set "
+                        "mixed_precision to fp16 or bf16, or start the WebUI with --no-half to train in float32.")
     if not cfg.output_dir:
         cfg = cfg.replace(output_dir=default_output_dir(cfg.output_name))
     cfg.validate()
