@@ -107,8 +107,12 @@ class BaseHost:
             blocks.append(mid)
         return blocks
 
-    def sample(self, network, prompts, **kw):  # pragma: no cover - hosts override
-        raise NotImplementedError
+    def sample(self, prompts, *, max_token_length: int = 75, clip_skip: int = 1, seed: int = 0, autocast=None):
+        """Preview images (PIL) with whatever network is applied, by the core's DDIM sampler; needs the
+        host's ``decode_latents``. Hosts with ``supports_sampling = True`` get it for free."""
+        from .sampling import ddim_sample, to_pil
+        return [to_pil(ddim_sample(self, sp, max_token_length=max_token_length, clip_skip=clip_skip,
+                                   default_seed=seed + i, autocast=autocast)) for i, sp in enumerate(prompts)]
 
     def model_info(self) -> Dict[str, str]:
         return {}

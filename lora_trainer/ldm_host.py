@@ -155,11 +155,6 @@ class LDMHost(BaseHost):
         return self.unet(noisy_latents, timesteps, context=cond)
 
     # -------------------------------------------------------------- previews
-    def sample(self, prompts, *, max_token_length: int = 75, clip_skip: int = 1, seed: int = 0, autocast=None):
-        from .sampling import ddim_sample, to_pil
-        return [to_pil(ddim_sample(self, sp, max_token_length=max_token_length, clip_skip=clip_skip,
-                                   default_seed=seed + i, autocast=autocast)) for i, sp in enumerate(prompts)]
-
     # -------------------------------------------------------------- info
     def model_info(self) -> Dict[str, str]:
         return {"sd_model_name": self._name, "sd_model_hash": self._hash, "vae_name": self._vae_name}

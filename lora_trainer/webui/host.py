@@ -131,11 +131,6 @@ class WebUIHost(BaseHost):
         return self.unet(noisy_latents, timesteps, context=cond)
 
     # -------------------------------------------------------------- previews and info
-    def sample(self, prompts, *, max_token_length: int = 75, clip_skip: int = 1, seed: int = 0, autocast=None):
-        from ..sampling import ddim_sample, to_pil
-        return [to_pil(ddim_sample(self, sp, max_token_length=max_token_length, clip_skip=clip_skip,
-                                   default_seed=seed + i, autocast=autocast)) for i, sp in enumerate(prompts)]
-
     def model_info(self) -> Dict[str, str]:
         info = getattr(self.sd_model, "sd_checkpoint_info", None)
         out = {"sd_model_name": getattr(info, "name", "") or "", "sd_model_hash": getattr(info, "hash", "") or "",
