@@ -154,7 +154,6 @@ class LDMHost(BaseHost):
     def denoise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.unet(noisy_latents, timesteps, context=cond)
 
-    # -------------------------------------------------------------- previews
     # -------------------------------------------------------------- info
     def model_info(self) -> Dict[str, str]:
         return {"sd_model_name": self._name, "sd_model_hash": self._hash, "vae_name": self._vae_name}

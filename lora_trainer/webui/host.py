@@ -130,7 +130,7 @@ class WebUIHost(BaseHost):
     def denoise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.unet(noisy_latents, timesteps, context=cond)
 
-    # -------------------------------------------------------------- previews and info
+    # -------------------------------------------------------------- info
     def model_info(self) -> Dict[str, str]:
         info = getattr(self.sd_model, "sd_checkpoint_info", None)
         out = {"sd_model_name": getattr(info, "name", "") or "", "sd_model_hash": getattr(info, "hash", "") or "",
