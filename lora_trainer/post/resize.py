@@ -1,0 +1,182 @@
+"""Resize: lower a LoRA's rank by SVD, as sd-scripts' ``networks/resize_lora.py``.
+
+Each module's ΔW is factored (without forming it: QR of up and down, SVD of the small core) and
+cut to a rank: ``new_rank`` for all (``new_conv_rank`` for 3×3 convs), or per module by
+``dynamic_method`` (sv_ratio / sv_cumulative / sv_fro with ``dynamic_param``), never above
+``new_rank``. As in sd-scripts the singular values go into ``lora_up`` and the new alpha is
+``old_scale · new_rank``, so ``alpha / rank`` (the strength at weight 1) is unchanged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..errors import UserError
+from ..io.lora_file import SAVE_DTYPES, save_lora
+from .files import check_output, finite_or_raise, output_metadata, read_lora
+from .lora_math import check_dynamic, module_svd, retained, scale_of, select_rank, to_lora
+
+log = logging.getLogger(__name__)
+
+Progress = Optional[Callable[[int, int, str], None]]
+
+
+@dataclass
+class ModuleResize:
+    name: str
+    old_rank: Optional[int]
+    new_rank: int
+    fro: float          # share of ΔW's Frobenius norm kept
+    sum: float          # share of the sum of singular values kept
+    capped: bool        # the dynamic method wanted more than new_rank
+    zero: bool          # ΔW was all zero
+
+
+@dataclass
+class ResizeReport:
+    input: Path
+    output: Path
+    method: Optional[str]
+    param: Optional[float]
+    new_rank: Optional[int]
+    new_conv_rank: Optional[int]
+    precision: str
+    modules: List[ModuleResize] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> List[str]:
+        ms = [m for m in self.modules if not m.zero]
+        out = []
+        if ms:
+            ranks = [m.new_rank for m in ms]
+            worst = min(ms, key=lambda m: m.fro)
+            out.append(f"{len(self.modules)} modules; rank {min(ranks)}-{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}); "
+                       f"Frobenius norm kept: mean {100 * sum(m.fro for m in ms) / len(ms):.1f}%, "
+                       f"min {100 * worst.fro:.1f}% ({worst.name})")
+        capped = [m for m in self.modules if m.capped]
+        if capped:
+            out.append(f"{len(capped)} modules needed more than new_rank {self.new_rank} to reach "
+                       f"{self.method} {self.param}; they keep rank {self.new_rank} (raise new_rank to keep more)")
+        zero = [m for m in self.modules if m.zero]
+        if zero:
+            out.append(f"{len(zero)} modules are all zero (untrained); kept at rank 1")
+        out.append(f"size {self.bytes_before / 1e6:.1f} MB -> {self.bytes_after / 1e6:.1f} MB ({self.precision}); "
+                   f"{self.seconds:.1f}s")
+        return out
+
+    def lines(self, per_module: bool = True) -> List[str]:
+        how = f"{self.method} {self.param}" if self.method else "fixed rank"
+        cap = f", max rank {self.new_rank}" if self.new_rank else ""
+        conv = f", conv rank {self.new_conv_rank}" if self.new_conv_rank else ""
+        out = [f"resize {self.input.name} -> {self.output} ({how}{cap}{conv}, {self.precision})"]
+        if per_module:
+            width = max((len(m.name) for m in self.modules), default=10)
+            out.append(f"  {'module':<{width}}  rank        Frobenius kept")
+            for m in self.modules:
+                flag = "  (capped)" if m.capped else ("  (zero)" if m.zero else "")
+                out.append(f"  {m.name:<{width}}  {str(m.old_rank or '?'):>4} -> {m.new_rank:<4} {100 * m.fro:6.2f}%{flag}")
+        return out + ["summary: " + s for s in self.summary()]
+
+
+def resize_lora(model, save_to, *, new_rank: Optional[int] = None, new_conv_rank: Optional[int] = None,
+                dynamic_method: Optional[str] = None, dynamic_param: Optional[float] = None,
+                save_precision: Optional[str] = None, device: str = "cpu", overwrite: bool = False,
+                progress: Progress = None) -> ResizeReport:
+    """Resize ``model`` (a LoRA file) and write ``save_to``. ``save_precision`` None keeps the input's."""
+    t0 = time.time()
+    check_dynamic(dynamic_method, dynamic_param)
+    if new_rank is None and dynamic_method is None:
+        raise UserError("Give new_rank (e.g. 32), a dynamic_method (sv_fro, sv_ratio, sv_cumulative), or both.")
+    for label, v in (("new_rank", new_rank), ("new_conv_rank", new_conv_rank)):
+        if v is not None and int(v) < 1:
+            raise UserError(f"{label} {v} must be at least 1.")
+    if save_precision is not None and save_precision not in SAVE_DTYPES:
+        raise UserError(f"save_precision {save_precision!r} is unknown: use float, fp16 or bf16.")
+    f = read_lora(model)
+    f.require_supported("resize")
+    finite_or_raise(f)
+    out = check_output(save_to, [model], overwrite=overwrite)
+    precision = save_precision or f.precision()
+    report = ResizeReport(f.path, out, dynamic_method, dynamic_param, new_rank, new_conv_rank, precision,
+                          bytes_before=f.path.stat().st_size)
+    tensors: Dict[str, torch.Tensor] = {}
+    alphas = set()
+    total = len(f.modules)
+    with torch.no_grad():
+        for i, (name, parts) in enumerate(f.modules.items()):
+            algo = f.algos[name]
+            old_rank = algo.rank(parts) if algo.rank else None
+            svd = module_svd(parts, algo, device)
+            conv3 = len(svd.shape) == 4 and tuple(svd.shape[2:]) != (1, 1)
+            cap = (new_conv_rank if conv3 and new_conv_rank else new_rank) or len(svd.S)
+            r = select_rank(svd.S, cap, dynamic_method, dynamic_param)
+            wanted = select_rank(svd.S, len(svd.S), dynamic_method, dynamic_param) if dynamic_method else r
+            zero = len(svd.S) == 0 or float(svd.S[0]) <= 1e-12
+            kept = retained(svd.S, r)
+            up, down = to_lora(svd, r)
+            old_scale = scale_of(parts, old_rank) if old_rank else 1.0
+            if old_scale != 0:
+                up, alpha = up / old_scale, old_scale * r  # keep alpha/rank: weights stay in the input's range
+            else:
+                up, alpha = torch.zeros_like(up), 0.0
+            tensors[f"{name}.lora_down.weight"] = down
+            tensors[f"{name}.lora_up.weight"] = up
+            tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+            if not zero and not conv3:
+                alphas.add(round(alpha, 6))
+            report.modules.append(ModuleResize(name, old_rank, r, kept.fro, kept.sum, wanted > r, zero))
+            if progress:
+                progress(i + 1, total, name)
+    old_dim = f.metadata.get("ss_network_dim") or str(max((m.old_rank or 0) for m in report.modules))
+    md = dict(f.metadata)
+    args = _network_args(md)
+    if dynamic_method:
+        comment = f"Dynamic resize with {dynamic_method}: {dynamic_param} from {old_dim}" + (
+            f" (max rank {new_rank})" if new_rank else "")
+        md["ss_network_dim"] = md["ss_network_alpha"] = "Dynamic"
+        if args is not None and "conv_dim" in args:
+            args["conv_dim"] = args["conv_alpha"] = "Dynamic"
+    else:
+        conv_desc = f" (conv: {new_conv_rank})" if new_conv_rank and new_conv_rank != new_rank else ""
+        comment = f"dimension is resized from {old_dim} to {new_rank}{conv_desc}"
+        md["ss_network_dim"] = str(new_rank)
+        md["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
+        if args is not None and "conv_dim" in args:
+            conv_alphas = {round(float(tensors[f"{m.name}.alpha"]), 6) for m in report.modules
+                           if tensors[f"{m.name}.lora_down.weight"].dim() == 4
+                           and tuple(tensors[f"{m.name}.lora_down.weight"].shape[2:]) != (1, 1) and not m.zero}
+            args["conv_dim"] = str(new_conv_rank or new_rank)
+            args["conv_alpha"] = str(conv_alphas.pop()) if len(conv_alphas) == 1 else "Dynamic"
+    if any(a is not None and a.name != "lora" for a in f.algos.values()):
+        md["ss_network_module"] = "networks.lora"
+        args = None
+        md.pop("ss_network_args", None)
+    if args is not None:
+        md["ss_network_args"] = json.dumps(args)
+    note = {"tool": "resize", "input": f.name, "input_hash": f.metadata.get("sshs_model_hash"),
+            "new_rank": new_rank, "new_conv_rank": new_conv_rank, "dynamic_method": dynamic_method,
+            "dynamic_param": dynamic_param, "save_precision": precision}
+    save_lora(out, tensors, output_metadata(md, out, note, comment), precision)
+    report.bytes_after = out.stat().st_size
+    report.seconds = time.time() - t0
+    log.info("resized %s -> %s", f.path, out)
+    return report
+
+
+def _network_args(md: Dict[str, str]) -> Optional[dict]:
+    raw = md.get("ss_network_args")
+    if not raw:
+        return None
+    try:
+        args = json.loads(raw)
+        return args if isinstance(args, dict) else None
+    except ValueError:
+        return None
