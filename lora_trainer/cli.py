@@ -157,6 +157,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.set_defaults(func=cmd_demo)
     from .post.cli import add_post_commands
     add_post_commands(sub)
+    from .lr_plot import add_lr_plot_command
+    add_lr_plot_command(sub)
     args = parser.parse_args(argv)
     if getattr(args, "verbose", False):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

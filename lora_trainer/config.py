@@ -78,7 +78,9 @@ class TrainConfig:
     text_encoder_lr: Optional[float] = _f(5e-5, "Text encoder learning rate: UNet's / 2-3.", "optimizer")
     optimizer_type: str = _f("AdamW", "AdamW, AdamW8bit, Lion, Prodigy, DAdaptAdam, ...", "optimizer")
     optimizer_args: List[str] = _f([], "key=value strings, e.g. weight_decay=0.01 betas=0.9,0.999.", "optimizer")
-    lr_scheduler: str = _f("cosine", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup.", "optimizer")
+    lr_scheduler: str = _f("cosine", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, adafactor, cosine_with_min_lr, inverse_sqrt, warmup_stable_decay, piecewise_constant.", "optimizer")
+    lr_scheduler_type: str = _f("", "A scheduler class by dotted path (e.g. torch.optim.lr_scheduler.CosineAnnealingWarmRestarts), or CosineAnnealingWarmupRestarts (built in: T_0, gamma_min_lr, decay, down_factor, warmup_steps, cycle_warmup, init_lr_ground). Overrides lr_scheduler.", "optimizer")
+    lr_scheduler_args: List[str] = _f([], "key=value strings for lr_scheduler_type (or a named schedule's extras), e.g. T_0=400 gamma_min_lr=0.999 down_factor=0.5.", "optimizer")
     lr_warmup_steps: float = _f(0.0, "Warm-up steps; a value below 1 is a fraction of all steps (0.05-0.1).", "optimizer")
     lr_scheduler_num_cycles: int = _f(1, "Cycles for cosine_with_restarts (4 cycles = 3 restarts).", "optimizer")
     lr_scheduler_power: float = _f(1.0, "Power for the polynomial schedule.", "optimizer")
@@ -122,6 +124,9 @@ class TrainConfig:
 
     def optimizer_args_dict(self) -> Dict[str, Any]:
         return parse_kv_args(self.optimizer_args, "optimizer_args")
+
+    def lr_scheduler_args_dict(self) -> Dict[str, Any]:
+        return parse_kv_args(self.lr_scheduler_args, "lr_scheduler_args")
 
     def effective_unet_lr(self) -> float:
         return self.learning_rate if self.unet_lr is None else self.unet_lr
@@ -209,11 +214,19 @@ class TrainConfig:
             p.append(f"lr_scheduler_num_cycles = {self.lr_scheduler_num_cycles}: must be at least 1.")
         if self.multires_noise_iterations is not None and self.multires_noise_iterations < 0:
             p.append(f"multires_noise_iterations = {self.multires_noise_iterations}: must be >= 0.")
-        for args_name in ("network_args", "optimizer_args"):
+        for args_name in ("network_args", "optimizer_args", "lr_scheduler_args"):
             try:
                 parse_kv_args(getattr(self, args_name), args_name)
             except UserError as e:
                 p.append(str(e))
+        sched = self.lr_scheduler.split(":")[0]
+        opt = self.optimizer_type.strip().lower()
+        if sched == "adafactor" and opt != "adafactor" and not self.lr_scheduler_type:
+            p.append(f"lr_scheduler = adafactor works only with optimizer_type = AdaFactor (not {self.optimizer_type}): "
+                     "choose another lr_scheduler (e.g. cosine, constant) or optimizer_type AdaFactor.")
+        if opt.endswith("schedulefree") and (self.lr_scheduler_type or sched not in ("constant", "constant_with_warmup")):
+            p.append(f"optimizer_type = {self.optimizer_type} is schedule-free: set lr_scheduler = constant and no "
+                     "lr_scheduler_type (lr_warmup_steps becomes the optimizer's own warm-up).")
         try:
             na = self.network_args_dict()
             if "conv_dim" in na and int(na["conv_dim"]) < 1:

@@ -21,11 +21,12 @@ from .config import TrainConfig
 from .dataset.captions import CaptionRules
 from .dataset.folders import scan_dataset, tag_frequency
 from .dataset.train_data import TrainData
-from .errors import TrainingDiverged, UserError
+from .errors import ConfigError, TrainingDiverged, UserError
 from .io.lora_file import NonFiniteWeights, load_lora, save_lora, zero_tensors
 from .io.metadata import build_metadata, per_save
 from .networks.network import LoRANetwork
-from .optim import create_optimizer, create_schedule, warmup_steps
+from .optim import build as build_optimizer, eval_mode, setting_problems, setting_warnings, train_mode, \
+    warmup_steps
 from .sampling import parse_prompts
 from .train.checkpointing import gradient_checkpointing
 from .train.loop import EpochHooks, StepSettings, run_epochs
@@ -85,15 +86,13 @@ def build_data(cfg: TrainConfig) -> TrainData:
                      caption_rules=rules, seed=cfg.seed)
 
 
-def create_network(cfg: TrainConfig, host) -> LoRANetwork:
+def _create_lora(cfg: TrainConfig, host) -> LoRANetwork:
     na = cfg.network_args_dict()
     known = {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}
     unknown = sorted(set(na) - known)
     if unknown:
         raise UserError(f"network_args {unknown} are not understood by {cfg.network_module}; "
                         f"it takes {sorted(known)}.")
-    if cfg.network_module != "networks.lora":
-        raise UserError(f"network_module {cfg.network_module!r} is not available yet: use networks.lora.")
     conv_dim = int(na["conv_dim"]) if "conv_dim" in na else None
     conv_alpha = float(na.get("conv_alpha", 1.0)) if conv_dim else None
     net = LoRANetwork.create(
@@ -102,6 +101,50 @@ def create_network(cfg: TrainConfig, host) -> LoRANetwork:
         dropout=cfg.network_dropout, rank_dropout=na.get("rank_dropout"), module_dropout=na.get("module_dropout"),
         unet_key_style="ldm" if host.model_kind == "sdxl" else "diffusers")
     return net
+
+
+def _create_lycoris(cfg: TrainConfig, host):
+    from .networks.lycoris_adapter import create_from_config
+    return create_from_config(cfg, host)
+
+
+def _create_dylora(cfg: TrainConfig, host):
+    from .networks.dylora import create_from_config
+    return create_from_config(cfg, host)
+
+
+# network_module -> builder (each returns an object with LoRANetwork's training interface)
+NETWORK_MODULES: Dict[str, Callable] = {
+    "networks.lora": _create_lora,
+    "lycoris.kohya": _create_lycoris,
+    "networks.dylora": _create_dylora,
+}
+
+
+def create_network(cfg: TrainConfig, host) -> LoRANetwork:
+    builder = NETWORK_MODULES.get(cfg.network_module)
+    if builder is None:
+        raise UserError(f"network_module {cfg.network_module!r} is not available: use one of "
+                        f"{', '.join(NETWORK_MODULES)}.")
+    return builder(cfg, host)
+
+
+def network_problems(cfg: TrainConfig, host) -> List[str]:
+    """network_module / network_args problems found before any model work."""
+    if cfg.network_module not in NETWORK_MODULES:
+        return [f"network_module {cfg.network_module!r} is not available: use one of {', '.join(NETWORK_MODULES)}."]
+    try:
+        na = cfg.network_args_dict()
+        if cfg.network_module == "lycoris.kohya":
+            from .networks.lycoris_adapter import config_problems
+            return config_problems(na, cfg.network_dim, cfg.network_alpha, train_te=cfg.train_text_encoder(),
+                                   text_encoders=host.text_encoders)
+        if cfg.network_module == "networks.dylora":
+            from .networks.dylora import settings
+            settings(na, cfg.network_dim, cfg.network_alpha)
+    except UserError as e:
+        return [str(e)]
+    return []
 
 
 def epoch_file_name(output_name: str, epoch: int) -> str:
@@ -128,6 +171,12 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
     pl = plan(cfg, data)
     if pl.total_steps < 1:
         raise UserError("This run has no steps: raise max_train_epochs or max_train_steps.")
+    problems = setting_problems(cfg, host.device, pl.total_steps) + network_problems(cfg, host)
+    if problems:
+        raise ConfigError(problems)
+    for w in setting_warnings(cfg):
+        log.warning(w)
+        result.warnings.append(w)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = parse_prompts(cfg.sample_prompts, cfg.resolution_wh()) if cfg.sample_every_n_epochs else []
@@ -153,10 +202,8 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
             network.apply()
             groups = network.param_groups(cfg.effective_unet_lr(), cfg.effective_text_encoder_lr(),
                                           cfg.train_unet(), cfg.train_text_encoder())
-            optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args_dict())
-            schedule = create_schedule(cfg.lr_scheduler, optimizer, total_steps=pl.total_steps,
-                                       warmup=pl.warmup_steps, num_cycles=cfg.lr_scheduler_num_cycles,
-                                       power=cfg.lr_scheduler_power)
+            optimizer, schedule = build_optimizer(cfg, groups, total_steps=pl.total_steps, warmup=pl.warmup_steps)
+            train_mode(optimizer)  # schedule-free optimizers: training weights; eval_mode() around saves/samples
             metadata = build_metadata(
                 cfg, model_kind=host.model_kind, prediction_type=host.prediction_type, model_info=host.model_info(),
                 dataset_dirs={c.folder: {"n_repeats": c.repeats, "img_count": c.images} for c in data.scan.concepts},
@@ -179,12 +226,13 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
             saver = _Saver(cfg, network, metadata, out_dir, result, progress, on_saved)
 
             def on_epoch_end(epoch: int, steps: int) -> None:
-                if epoch % cfg.save_every_n_epochs == 0 or epoch == pl.epochs or steps >= pl.total_steps:
-                    progress.phase = "saving"
-                    callbacks.progress(progress)
-                    saver.save_epoch(epoch, steps)
-                if prompts and epoch % cfg.sample_every_n_epochs == 0:
-                    _samples(cfg, host, network, prompts, epoch, out_dir, result, progress, precision)
+                with eval_mode(optimizer):
+                    if epoch % cfg.save_every_n_epochs == 0 or epoch == pl.epochs or steps >= pl.total_steps:
+                        progress.phase = "saving"
+                        callbacks.progress(progress)
+                        saver.save_epoch(epoch, steps)
+                    if prompts and epoch % cfg.sample_every_n_epochs == 0:
+                        _samples(cfg, host, network, prompts, epoch, out_dir, result, progress, precision)
                 progress.phase = "training"
                 callbacks.progress(progress)
 
@@ -199,12 +247,13 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
             result.epochs_done = len(progress.epoch_losses)
             result.epoch_losses = list(progress.epoch_losses)
             result.step_losses = list(progress.step_losses)
-            if not result.stopped:
-                result.final_file = saver.save_final(result.epochs_done, state.step)
-            progress.phase = "stopped" if result.stopped else "done"
-            callbacks.progress(progress)
-            if before_restore is not None:
-                before_restore(network)
+            with eval_mode(optimizer):
+                if not result.stopped:
+                    result.final_file = saver.save_final(result.epochs_done, state.step)
+                progress.phase = "stopped" if result.stopped else "done"
+                callbacks.progress(progress)
+                if before_restore is not None:
+                    before_restore(network)
         finally:
             if network is not None:
                 network.remove()
