@@ -8,7 +8,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lora_trainer.install_plan import constraints_text, missing  # noqa: E402
+from lora_trainer.install_plan import constraints_text, installed_version, missing  # noqa: E402
 
 
 def main() -> None:
@@ -26,16 +26,17 @@ def main() -> None:
         constraints = f.name
     try:
         for req in todo:
-            print(f"[sd-webui-lora-trainer] installing {req.spec} ({req.why})", flush=True)
-            args = f'install -c "{constraints}" "{req.spec}"'
+            spec = req.spec(installed_version)
+            print(f"[sd-webui-lora-trainer] installing {spec} ({req.why})", flush=True)
+            args = f'install -c "{constraints}" "{spec}"'
             try:
                 if launch is not None:
-                    launch.run_pip(args, f"sd-webui-lora-trainer requirement: {req.spec}")
+                    launch.run_pip(args, f"sd-webui-lora-trainer requirement: {spec}")
                 else:
                     import subprocess
                     subprocess.run([sys.executable, "-m", "pip", *args.replace('"', "").split()], check=True)
             except Exception as e:  # one optional package must not stop the WebUI
-                print(f"[sd-webui-lora-trainer] could not install {req.spec}: {e}", flush=True)
+                print(f"[sd-webui-lora-trainer] could not install {spec}: {e}", flush=True)
     finally:
         os.unlink(constraints)
 

@@ -63,7 +63,7 @@ class TrainConfig:
     max_token_length: int = _f(225, "75, 150 or 225 tokens (\"just use 225\").", "captions")
     clip_skip: int = _f(1, "2 for anime bases, 1 for realistic ones.", "captions")
     # --- network -------------------------------------------------------------------------
-    network_module: str = _f("networks.lora", "networks.lora (LoRA/LoCon).", "network")
+    network_module: str = _f("networks.lora", "networks.lora (LoRA/LoCon), lycoris.kohya (network_args algo=locon/loha/lokr/ia3/dylora/full/diag-oft/boft) or networks.dylora.", "network")
     network_dim: int = _f(32, "Rank. 32-64 is plenty; over 128 is waste.", "network")
     network_alpha: float = _f(16.0, "Scale = alpha/dim. Lower alpha needs a higher learning rate.", "network")
     network_args: List[str] = _f([], "key=value strings, e.g. conv_dim=8, conv_alpha=1 (LoCon).", "network")

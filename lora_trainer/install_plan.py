@@ -13,10 +13,20 @@ HOST_PINNED = ["torch", "torchvision", "protobuf", "numpy", "transformers", "acc
                "huggingface_hub", "setuptools", "starlette", "httpx", "xformers"]
 
 
+def _major_minor(version: Optional[str]) -> tuple:
+    if not version:
+        return (0, 0)
+    parts = version.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        return (0, 0)
+
+
 @dataclass
 class Requirement:
-    dist: str                 # distribution name to look up
-    spec: str                 # what pip installs
+    dist: str                                   # distribution name to look up
+    spec: Callable[[Callable[[str], Optional[str]]], str]   # what pip installs, given installed versions
     why: str
     condition: Optional[Callable[[], bool]] = None
 
@@ -24,12 +34,30 @@ class Requirement:
         return self.condition() if self.condition else True
 
 
+def _lycoris(v) -> str:  # 4.1.x fails to import on torch < 2.4 (research/libs.md §3.7)
+    return "lycoris-lora==4.0.0" if _major_minor(v("torch")) < (2, 4) else "lycoris-lora>=4.1,<5"
+
+
+def _bitsandbytes(v) -> str:  # newer releases need a newer torch; 8-bit on CPU from 0.50
+    t = _major_minor(v("torch"))
+    bound = "<=0.45.5" if t < (2, 2) else "<0.48" if t < (2, 3) else "<0.50" if t < (2, 4) else "<0.51"
+    return "bitsandbytes" + bound
+
+
+def _tensorboard(v) -> str:
+    return "tensorboard<2.21" if _major_minor(v("protobuf")) < (4, 0) else "tensorboard"
+
+
 REQUIREMENTS: List[Requirement] = [
-    Requirement("tomli", "tomli>=2.0", "reads TOML configs on Python < 3.11", lambda: sys.version_info < (3, 11)),
-    Requirement("tensorboard", "tensorboard", "loss curves (logging_dir)"),
-    Requirement("prodigyopt", "prodigyopt>=1.0", "optimizer_type = Prodigy"),
-    Requirement("dadaptation", "dadaptation>=3.1", "optimizer_type = DAdapt*"),
-    Requirement("lion-pytorch", "lion-pytorch>=0.1.2", "optimizer_type = Lion"),
+    Requirement("tomli", lambda v: "tomli>=2.0", "reads TOML configs on Python < 3.11",
+                lambda: sys.version_info < (3, 11)),
+    Requirement("tensorboard", _tensorboard, "loss curves (logging_dir)"),
+    Requirement("prodigyopt", lambda v: "prodigyopt>=1.0", "optimizer_type = Prodigy"),
+    Requirement("dadaptation", lambda v: "dadaptation>=3.1", "optimizer_type = DAdapt*"),
+    Requirement("lion-pytorch", lambda v: "lion-pytorch>=0.1.2", "optimizer_type = Lion"),
+    Requirement("schedulefree", lambda v: "schedulefree", "optimizer_type = AdamWScheduleFree etc."),
+    Requirement("lycoris-lora", _lycoris, "network_module = lycoris.kohya (LoCon, LoHa, LoKr, ...)"),
+    Requirement("bitsandbytes", _bitsandbytes, "optimizer_type = AdamW8bit, Lion8bit, ..."),
 ]
 
 
