@@ -43,7 +43,6 @@ def _print_progress(p) -> None:
 
 def cmd_train(args) -> int:
     from .ldm_host import load_checkpoint
-    from .run import train
     from .train.progress import Callbacks
     cfg = TrainConfig.load(args.config).with_overrides(args.set or [])
     _report_unknown(cfg)

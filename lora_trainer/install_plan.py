@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 # packages whose installed version must never move (the WebUI pins them; moving one breaks it)
 HOST_PINNED = ["torch", "torchvision", "protobuf", "numpy", "transformers", "accelerate", "safetensors", "gradio",

@@ -6,10 +6,8 @@ success, a stop request, or an exception.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,7 +257,7 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
                 network.remove()
             host.restore()
             tb.close()
-            del network
+            network = None
     return result
 
 

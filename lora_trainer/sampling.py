@@ -6,7 +6,6 @@ height, steps, CFG scale, seed). Lines starting with ``#`` are comments.
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional

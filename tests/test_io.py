@@ -1,7 +1,6 @@
 import errno
 import hashlib
 import json
-import os
 import struct
 
 import pytest

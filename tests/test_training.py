@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_trainer.errors import ConfigError, DatasetError, TrainingDiverged
-from lora_trainer.io.lora_file import load_lora, read_header
+from lora_trainer.io.lora_file import load_lora
 from lora_trainer.run import build_data, train
 from lora_trainer.train.progress import Callbacks, Commands
 from lora_trainer.train.validation import validation_loss

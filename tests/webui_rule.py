@@ -54,7 +54,6 @@ def merged_the_webui_way(host, sd, multiplier=1.0, is_sd2=None):
                 m = layers[layer]
                 if set(parts) != {"q", "k", "v"}:
                     continue
-                out_w = m.out_proj.weight
                 e = m.embed_dim
                 d_in = torch.cat([delta(parts[p], (e, e)) for p in ("q", "k", "v")])
                 backups.append((m.in_proj_weight, m.in_proj_weight.detach().clone()))

@@ -7,7 +7,6 @@ in blocks (``sync_every``), so the step can later be captured whole (CUDA graphs
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import time

@@ -1,7 +1,7 @@
 """DDPM noising from the model's own schedule, targets by prediction type, and loss weighting."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 

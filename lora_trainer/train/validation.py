@@ -2,7 +2,7 @@
 "before" and "after" training are comparable (the raw step loss is far too noisy for that)."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 
