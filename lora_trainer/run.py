@@ -276,11 +276,11 @@ class _Saver:
                              self.cfg.save_precision)
         except NonFiniteWeights as e:
             raise TrainingDiverged(str(e)) from None
-        zeros = zero_tensors({k: v for k, v in tensors.items() if "lora_up" in k})
+        zeros = zero_tensors(tensors)
         if zeros:
-            log.info("%s: %d of %d lora_up tensors are all zero (untrained layers: with clip_skip > 1 the last "
-                     "text-encoder layers get no gradient; many more mean fp16 underflow)", path.name, len(zeros),
-                     sum("lora_up" in k for k in tensors))
+            log.info("%s: %d of %d tensors are all zero (untrained layers: with clip_skip > 1 the last "
+                     "text-encoder layers get no gradient; many more mean fp16 underflow; `python -m lora_trainer "
+                     "check` explains each)", path.name, len(zeros), sum(v.numel() > 1 for v in tensors.values()))
         self.result.files.append(path)
         self.progress.files.append(str(path))
         if self.on_saved is not None:
