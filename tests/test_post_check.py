@@ -25,7 +25,7 @@ def test_clip_skip_2_zero_last_layer_is_expected(net_sd, tmp_path):
     assert len(expected) == 6 and all(n.startswith(LAST_TE) for n in expected)
     assert not r.damaged and r.verdict == "ok"
     text = "\n".join(r.lines())
-    assert "clip skip 2" in text and "Harmless" in text and "verdict: OK" in text
+    assert "at clip skip 2" in text and "Harmless" in text and "verdict: OK" in text
     healthy = next(m for m in r.modules if m.name.startswith("lora_unet_"))
     assert healthy.status == "ok" and healthy.delta_norm > 0 and healthy.rank == 8 and healthy.alpha == 4
 
@@ -38,12 +38,14 @@ def test_same_zeros_at_clip_skip_1_are_damage(net_sd, tmp_path):
 
 
 def test_fp16_underflow_is_named(net_sd, tmp_path):
-    # a UNet trained with tiny updates: most lora_up values fall below fp16's range
-    sd = {k: (v * 1e-5 if k.startswith("lora_unet_down") and "lora_up" in k else v) for k, v in net_sd.items()}
+    # a UNet part trained with tiny updates: its lora_up values fall below fp16's range (~6e-8) and become 0
+    sd = {k: (v * 1e-7 if k.startswith("lora_unet_down") and "lora_up" in k else v) for k, v in net_sd.items()}
     r = check_lora(save_net(sd, tmp_path / "fp16.safetensors", precision="fp16", ss_clip_skip=1))
     assert r.damaged and r.dtype == "float16"
+    assert {m.name for m in r.modules if m.status == "zero"} == {
+        k.split(".")[0] for k in sd if k.startswith("lora_unet_down")}
     text = "\n".join(r.summary)
-    assert "underflow" in text and "bf16" in text
+    assert "fp16 underflow" in text and "bf16" in text
     # the same weights saved as bf16 keep their values: no damage
     assert not check_lora(save_net(sd, tmp_path / "bf16.safetensors", precision="bf16")).damaged
 

@@ -131,3 +131,45 @@ def test_cli_merge(sd1, tmp_path, capsys):
     assert main(["merge", "--model", str(ckpt), "--loras", str(a), "--save_to", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
 
+
+
+def test_ckpt_input_and_sd_scripts_flags(sd1, tmp_path, capsys):
+    """A pickled .ckpt (state_dict inside) is read too; sd-scripts' --sd_model/--models/--ratios work."""
+    from lora_trainer.cli import main
+    ckpt, (_, a), (_, b) = sd1
+    pickled = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load(ckpt)}, str(pickled))
+    out1, out2 = tmp_path / "from_ckpt.safetensors", tmp_path / "from_st.safetensors"
+    assert main(["merge", "--sd_model", str(pickled), "--models", str(a), str(b), "--ratios", "0.8", "0.5",
+                 "--save_to", str(out1)]) == 0
+    merge_lora_into_checkpoint(ckpt, [(a, 0.8), (b, 0.5)], out2)
+    m1, m2 = load(out1), load(out2)
+    assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
+    assert main(["merge", "--model", str(ckpt), "--models", str(a), "--ratios", "1", "2", "--save_to",
+                 str(tmp_path / "x.safetensors")]) == 2
+    assert "one ratio per model" in capsys.readouterr().err
+
+
+def test_algorithm_registry_lets_another_network_type_merge_and_resize(sd1, sd1_host, tmp_path):
+    """How LyCORIS types join: register the key set and its ΔW (here LyCORIS "full": ΔW = diff)."""
+    from safetensors.torch import save_file
+    from lora_trainer.post import resize_lora
+    from lora_trainer.post.lora_math import ALGORITHMS, Algorithm, register_algorithm
+    ckpt = sd1[0]
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    base = load(ckpt)
+    diff = torch.randn(base[key].shape, generator=torch.Generator().manual_seed(0)) * 0.01
+    path = tmp_path / "full.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.diff": diff}, str(path), metadata={"ss_v2": "False"})
+    with pytest.raises(UserError, match="LyCORIS full"):
+        merge_lora_into_checkpoint(ckpt, [path], tmp_path / "a.safetensors")
+    register_algorithm(Algorithm("full", frozenset({"diff"}), frozenset({"diff_b"}), delta=lambda p: p["diff"].float(),
+                                 shape=lambda p: tuple(p["diff"].shape)))
+    try:
+        merge_lora_into_checkpoint(ckpt, [(path, 0.5)], tmp_path / "b.safetensors")
+        torch.testing.assert_close(load(tmp_path / "b.safetensors")[key], base[key] + 0.5 * diff)
+        resize_lora(path, tmp_path / "r.safetensors", new_rank=4)  # any ΔW resizes to a plain LoRA
+        r = load(tmp_path / "r.safetensors")
+        assert r["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[0] == 4
+    finally:
+        ALGORITHMS.pop("full")

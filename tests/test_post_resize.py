@@ -109,7 +109,7 @@ def test_user_errors_write_nothing(lora, tmp_path):
         resize_lora(lora, lora, new_rank=2)
     loha = tmp_path / "loha.safetensors"
     from safetensors.torch import save_file
-    save_file({f"lora_unet_x.hada_w1_a": torch.ones(4, 2), "lora_unet_x.hada_w1_b": torch.ones(2, 4),
+    save_file({"lora_unet_x.hada_w1_a": torch.ones(4, 2), "lora_unet_x.hada_w1_b": torch.ones(2, 4),
                "lora_unet_x.hada_w2_a": torch.ones(4, 2), "lora_unet_x.hada_w2_b": torch.ones(2, 4),
                "lora_unet_x.alpha": torch.tensor(2.0)}, str(loha))
     with pytest.raises(UserError, match="LoHa"):

@@ -191,11 +191,11 @@ def _summarise(report: CheckReport, f: LoRAFile, unused: Set[str]) -> None:
     expected = [m.name for m in ms if m.status == "zero-expected"]
     if expected:
         layers = len({_TE_LAYER.match(n)[0] for n in expected})
-        why = {"sd2": "SD2 uses the penultimate text-encoder layer", "sdxl": "SDXL's first text encoder is read at its "
-               "penultimate layer"}.get(report.kind, f"with clip skip {report.clip_skip}")
-        s.append(f"expected: {len(expected)} text-encoder modules are zero ({fmt_list(expected)}): {why}, so the "
-                 f"model never uses the output of the last {'layer' if layers == 1 else f'{layers} layers'} and "
-                 "they cannot train. Harmless.")
+        why = {"sd2": "SD2 reads its text encoder at the penultimate layer", "sdxl": "SDXL reads its first text "
+               "encoder at the penultimate layer"}.get(report.kind, f"at clip skip {report.clip_skip}")
+        s.append(f"expected: {len(expected)} text-encoder modules are zero ({fmt_list(expected)}): {why}, the model "
+                 f"never uses the output of the last {'layer' if layers == 1 else f'{layers} layers'}, so "
+                 f"{'it' if layers == 1 else 'they'} cannot train. Harmless.")
     zero = [m for m in ms if m.status == "zero"]
     fp16 = f.dtype == torch.float16
     ups = [t for m in ms for t in m.tensors if t.part == "lora_up.weight"]
@@ -214,13 +214,12 @@ def _summarise(report: CheckReport, f: LoRAFile, unused: Set[str]) -> None:
             cause = "these parts never trained (learning rate 0 for them?) or their weights were lost"
         s.append(f"DAMAGED: {len(zero)} modules are zero where training should have changed them "
                  f"({fmt_list(names)}): {cause}.")
-    if fp16 and tiny > 0.01:
-        damaged = True
-        s.append(f"DAMAGED: {100 * tiny:.1f}% of the lora_up values are fp16 subnormals (below 6.1e-5, precision "
-                 "lost): fp16 underflow. Save with bf16 or float.")
     if partly:
         s.append(f"warning: {len(partly)} modules have tensors that are mostly exact zeros ({fmt_list(partly)})"
-                 + (": a sign of fp16 underflow" if fp16 else ""))
+                 + (": fp16 underflow is eating them; save with bf16 or float" if fp16 else ""))
+    if fp16 and tiny > 0.1:
+        s.append(f"note: {100 * tiny:.0f}% of the lora_up values are fp16 subnormals (below 6.1e-5, fewer digits "
+                 "kept): the weights are close to fp16's lower limit; bf16 or float would keep them exactly.")
     unknown = [m.name for m in ms if m.status == "unknown"]
     if unknown:
         s.append(f"note: {len(unknown)} modules are of a type this checker cannot rebuild ({fmt_list(unknown)}); "

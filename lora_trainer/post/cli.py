@@ -41,9 +41,30 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _loras(args):
+    """``--loras A:0.8 B`` or sd-scripts' ``--models A B --ratios 0.8 1``."""
+    from ..errors import UserError
+    if args.models:
+        if args.loras:
+            raise UserError("Give the LoRAs either as --loras FILE:RATIO ... or as --models ... --ratios ..., not both.")
+        ratios = args.ratios or [1.0] * len(args.models)
+        if len(ratios) != len(args.models):
+            raise UserError(f"{len(args.models)} --models but {len(ratios)} --ratios: give one ratio per model.")
+        return list(zip(args.models, ratios))
+    if args.ratios:
+        raise UserError("--ratios goes with --models; with --loras write FILE:RATIO.")
+    return args.loras or []
+
+
+def _lora_args(p) -> None:
+    p.add_argument("--loras", nargs="+", metavar="FILE[:RATIO]", help="LoRA files with ratios (default 1)")
+    p.add_argument("--models", nargs="+", metavar="FILE", help="sd-scripts style: LoRA files (with --ratios)")
+    p.add_argument("--ratios", nargs="+", type=float, metavar="RATIO", help="sd-scripts style: one ratio per --models")
+
+
 def cmd_merge(args) -> int:
     from .merge import merge_lora_into_checkpoint
-    r = merge_lora_into_checkpoint(args.model, args.loras, args.save_to, save_precision=args.save_precision,
+    r = merge_lora_into_checkpoint(args.model, _loras(args), args.save_to, save_precision=args.save_precision,
                                    device=args.device)
     _print(r.lines())
     return 0
@@ -60,7 +81,7 @@ def cmd_extract(args) -> int:
 
 def cmd_combine(args) -> int:
     from .combine import combine_loras
-    r = combine_loras(args.loras, args.save_to, new_rank=args.new_rank, new_conv_rank=args.new_conv_rank,
+    r = combine_loras(_loras(args), args.save_to, new_rank=args.new_rank, new_conv_rank=args.new_conv_rank,
                       save_precision=args.save_precision, device=args.device, overwrite=args.overwrite)
     _print(r.lines(per_module=not args.quiet))
     return 0
@@ -89,8 +110,9 @@ def add_post_commands(sub) -> None:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("merge", help="merge LoRAs into a checkpoint, written as a new file")
-    p.add_argument("--model", required=True, help="the checkpoint (.safetensors or .ckpt): SD1, SD2 or SDXL")
-    p.add_argument("--loras", nargs="+", required=True, metavar="FILE[:RATIO]", help="LoRA files with ratios (default 1)")
+    p.add_argument("--model", "--sd_model", dest="model", required=True,
+                   help="the checkpoint (.safetensors or .ckpt): SD1, SD2 or SDXL")
+    _lora_args(p)
     p.add_argument("--save_to", required=True, help="the new checkpoint (.safetensors); never overwritten")
     p.add_argument("--save_precision", choices=PRECISIONS, help="default: the checkpoint's own dtypes")
     _device(p)
@@ -112,7 +134,7 @@ def add_post_commands(sub) -> None:
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("combine", help="combine LoRAs with ratios into one LoRA")
-    p.add_argument("--loras", nargs="+", required=True, metavar="FILE[:RATIO]", help="LoRA files with ratios (default 1)")
+    _lora_args(p)
     p.add_argument("--save_to", required=True, help="the LoRA file to write (.safetensors)")
     p.add_argument("--new_rank", type=int, help="re-factor each module to this rank by SVD (default: concatenate, exact)")
     p.add_argument("--new_conv_rank", type=int, help="rank for 3x3 conv modules with --new_rank; default new_rank")

@@ -90,7 +90,7 @@ def combine_loras(loras: Sequence[LoraSpec], save_to, *, new_rank: Optional[int]
     out = check_output(save_to, [p for p, _ in specs], overwrite=overwrite)
     files = [read_lora(p) for p, _ in specs]
     for f in files:
-        f.require_supported("combine")
+        f.require_supported("combine", need_factors=True)
         finite_or_raise(f)
     kind = check_kinds(files)
     groups: Dict[str, List[Tuple[int, str]]] = {}

@@ -37,11 +37,14 @@ class LoRAFile:
     def name(self) -> str:
         return self.path.name
 
-    def unsupported(self) -> Dict[str, str]:
-        return {n: describe_parts(self.modules[n]) for n, a in self.algos.items() if a is None}
+    def unsupported(self, need_factors: bool = False) -> Dict[str, str]:
+        return {n: (a.label or a.name) if a is not None else describe_parts(self.modules[n])
+                for n, a in self.algos.items() if a is None or (need_factors and a.factors is None)}
 
-    def require_supported(self, what: str) -> None:
-        bad = self.unsupported()
+    def require_supported(self, what: str, need_factors: bool = False) -> None:
+        """UserError unless every module's algorithm is registered (and, for tools that stack factors,
+        can give its ΔW as up @ down)."""
+        bad = self.unsupported(need_factors)
         if bad:
             name, desc = next(iter(bad.items()))
             raise UserError(f"{self.name}: {len(bad)} modules are {desc}, which {what} does not handle yet "
