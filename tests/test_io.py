@@ -83,3 +83,10 @@ def test_bad_files_get_clear_messages(tmp_path):
         load_lora(tmp_path / "cut.safetensors")
     with pytest.raises(UserError, match="does not exist"):
         read_header(tmp_path / "none.safetensors")
+
+
+def test_tensors_sharing_storage_are_saved(tmp_path):
+    base = torch.randn(4, 8)
+    save_lora(tmp_path / "s.safetensors", {"a.lora_up.weight": base, "b.lora_up.weight": base[:2]}, {}, "float")
+    sd, _ = load_lora(tmp_path / "s.safetensors")
+    assert torch.equal(sd["b.lora_up.weight"], base[:2])

@@ -40,7 +40,8 @@ def save_lora(path: Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, 
               save_precision: str = "fp16") -> Dict[str, str]:
     """Cast, check, hash and write atomically. Returns the metadata as written (with sshs_* hashes)."""
     dtype = SAVE_DTYPES[save_precision]
-    out = {k: (v.detach().float().to(dtype) if v.is_floating_point() else v.detach()) for k, v in tensors.items()}
+    # a copy per tensor: safetensors refuses tensors that share storage (views, or a cast that was a no-op)
+    out = {k: (v.detach().float().to(dtype) if v.is_floating_point() else v.detach()).clone() for k, v in tensors.items()}
     check_finite(out)  # a cast to fp16 can overflow too
     meta = {k: str(v) for k, v in metadata.items() if v is not None}
     # the addnet hash covers tensor bytes only, so it stays valid once the hashes join the metadata
