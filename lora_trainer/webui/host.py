@@ -29,7 +29,7 @@ def _refuse_unsupported(sd_model) -> str:
         raise UserError("The loaded model is not SD1/SD2 (e.g. SD3): load an SD1 or SD2 checkpoint to train.")
     if getattr(shared.cmd_opts, "lowvram", False):
         raise UserError("The WebUI runs with --lowvram, which moves every block off the GPU between forward and "
-                        "backward: training cannot work. Restart without --lowvram (use --medvram with the 8 GB preset).")
+                        "backward: training cannot work. Restart without --lowvram (with --medvram, train the UNet only).")
     if getattr(devices, "fp8", False) or str(getattr(shared.opts, "fp8_storage", "Disable")) != "Disable":
         raise UserError("FP8 weight storage is on (Settings > Optimizations > FP8 weight): turn it off and reload "
                         "the checkpoint to train.")

@@ -248,6 +248,12 @@ def make_preset(folder: Optional[str] = None, run_id: Optional[str] = None, *, w
     if not folder_p.is_absolute():
         folder_p = lora_dir() / folder_p
     stems = epoch_stems(folder_p, output_name)
+    if stems:  # the clip skip the run trained with (a pasted "Clip skip" overrides the user's setting)
+        from ..io.lora_file import read_metadata
+        try:
+            clip_skip = int(read_metadata(folder_p / f"{stems[0]}.safetensors").get("ss_clip_skip", clip_skip))
+        except (UserError, ValueError):
+            pass
     return build_preset(stems, weights=weights, trigger_words=run_triggers(folder_p), prompt=prompt,
                         negative_prompt=negative_prompt, seeds_variant=seeds_variant, steps=steps, width=width,
                         height=height, seed=seed, clip_skip=clip_skip)
@@ -275,16 +281,24 @@ def render_grid(preset, lock: bool = True):
     from ..xyz import grid_cells
     if get_service().is_active():
         raise UserError("A training run holds the model: render the grid after it finishes.")
+    import random
+    import re
     ctx = call_queue.queue_lock if lock else contextlib.nullcontext()
-    cells = grid_cells(preset) if preset.y_type != "Seed" else [[preset.prompt.replace(preset.stems[0], s)
-                                                                 for s in preset.stems]]
+    if preset.y_type == "Seed":  # rows: random seeds (-1--1 [8] -> 8 of them), each epoch at weight 1
+        m = re.search(r"\[(\d+)\]", preset.y_values)
+        seeds = [random.randrange(2 ** 31) for _ in range(int(m[1]) if m else 8)]
+        row = [preset.prompt.replace(preset.stems[0], s) for s in preset.stems]
+        cells, row_seeds, row_labels = [row] * len(seeds), seeds, [f"seed {s}" for s in seeds]
+    else:
+        cells = grid_cells(preset)
+        row_seeds, row_labels = [preset.seed] * len(cells), [f"weight {w:g}" for w in preset.weights]
     out = []
     with ctx:
-        for row in cells:
+        for row, seed in zip(cells, row_seeds):
             for prompt in row:
                 p = processing.StableDiffusionProcessingTxt2Img(
                     sd_model=shared.sd_model, prompt=prompt, negative_prompt=preset.negative_prompt, steps=preset.steps,
-                    cfg_scale=preset.cfg_scale, width=preset.width, height=preset.height, seed=preset.seed,
+                    cfg_scale=preset.cfg_scale, width=preset.width, height=preset.height, seed=seed,
                     sampler_name=preset.sampler, do_not_save_grid=True, do_not_save_samples=True)
                 p.override_settings = {"CLIP_stop_at_last_layers": preset.clip_skip}
                 try:
@@ -294,6 +308,5 @@ def render_grid(preset, lock: bool = True):
                 out.append(processed.images[0])
     grid = images.image_grid(out, rows=len(cells))
     hor = [[images.GridAnnotation(s)] for s in preset.stems]
-    ver = [[images.GridAnnotation(f"weight {w:g}")] for w in preset.weights] if preset.y_type != "Seed" else \
-        [[images.GridAnnotation("")]]
+    ver = [[images.GridAnnotation(label)] for label in row_labels]
     return images.draw_grid_annotations(grid, out[0].width, out[0].height, hor, ver)
