@@ -129,7 +129,13 @@ def _on_saved(path: Path, meta: Dict[str, str]) -> None:
 
 
 def _on_finished(svc: TrainingService) -> None:
-    """Previews for the cards: each epoch file gets its epoch's first sample image."""
+    """Free what the run allocated (latent cache, optimizer state) and give each epoch file its
+    epoch's first sample image as the card preview."""
+    try:
+        from modules import devices
+        devices.torch_gc()
+    except Exception:
+        pass
     cfg = svc.config
     if cfg is None:
         return
