@@ -13,6 +13,7 @@ from typing import Any, Dict, List
 from ..config import TrainConfig
 from . import tab_actions as act
 from . import tab_fields as tf
+from . import tab_tools
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def create_tab():
             with gr.Column(scale=2, elem_id="lora_trainer_run"):
                 _build_run(ui)
                 _build_xyz(ui)
+        tab_tools.build_tools_section()
         _wire_config(ui)
         _wire_run(ui, blocks)
         _wire_xyz(ui)
@@ -84,6 +86,8 @@ def _build_settings(ui: _UI) -> None:
                 with gr.Row():
                     for name in row:
                         ui.fields[name] = _field(name)
+                if "optimizer_args" in row:  # the guide's arguments / learning rate for the optimizer just picked
+                    ui.c["optimizer_hint"] = gr.Markdown("", elem_id="lora_trainer_optimizer_hint")
             extra = _SECTION_EXTRAS.get(key)
             if extra is not None:
                 extra(ui)
@@ -267,6 +271,15 @@ def _wire_config(ui: _UI) -> None:
         return gr.update(value=img, visible=img is not None), msg
 
     c["lr_plot"].click(plot, fields, [c["lr_plot_img"], c["lr_plot_msg"]])
+
+    def optimizer_picked(name, args):  # the user's pick only (.input): a preset or a loaded file sets both fields
+        new, hint = act.optimizer_change(name, args)
+        return gr.update() if new is None else new, hint
+
+    ui.fields["optimizer_type"].input(optimizer_picked, [ui.fields["optimizer_type"], ui.fields["optimizer_args"]],
+                                      [ui.fields["optimizer_args"], c["optimizer_hint"]], **quiet)
+    for event in (c["preset_apply"].click, c["config_load"].click, c["config_upload"].upload):
+        event(lambda: "", None, [c["optimizer_hint"]], **quiet)  # a preset or a file replaces the optimizer
     ui.fields["output_name"].change(act.output_path_text, [ui.fields["output_name"]], [c["output_path"]], **quiet)
 
 

@@ -128,6 +128,47 @@ def lr_plot(values: Dict[str, Any]):
         return None, error_text(e, "Plotting the learning rate")
 
 
+def _arg_words(text: str) -> List[str]:
+    return sorted(w for w in tab_fields.from_ui("optimizer_args", text or "") if w)
+
+
+def optimizer_change(name: str, args_text: str) -> Tuple[Optional[str], str]:
+    """(new optimizer_args text or None to leave them, one-line hint) when the user picks an optimizer.
+
+    The guide's arguments for it fill optimizer_args when those are empty or still some optimizer's
+    recommended arguments (the previous optimizer's, untouched); arguments the user wrote are kept and
+    the recommendation is shown instead. Adaptive optimizers get the learning-rate hint."""
+    from ..optim import recommended_args
+    from ..optim.optimizers import OPTIMIZERS, resolve
+    try:
+        spec = resolve(name or "")
+    except UserError:
+        return None, ""
+    label = (name or "").strip()  # the user's spelling (DAdaptation is an alias)
+    rec = recommended_args(name)
+    rec_text = tab_fields.to_ui("optimizer_args", rec)
+    current = _arg_words(args_text)
+    untouched = not current or any(current == sorted(recommended_args(s.name)) for s in OPTIMIZERS.values())
+    new: Optional[str] = None
+    hints = []
+    if current == sorted(rec):
+        pass
+    elif untouched:
+        new = rec_text
+        if rec:
+            hints.append(f"optimizer_args set to the guide's for {label}: `{rec_text}`.")
+        elif current:
+            hints.append(f"optimizer_args cleared: the guide recommends no arguments for {label}.")
+    elif rec:
+        hints.append(f"The guide recommends for {label}: `{rec_text}` (your optimizer_args were kept).")
+    if spec.adaptive:
+        hints.append(f"{label} is adaptive: set learning_rate ≈ 1.0 and one learning rate for UNet and text "
+                     "encoder (unet_lr = text_encoder_lr = 1.0, or both empty).")
+    if spec.note:
+        hints.append(spec.note)
+    return new, " ".join(hints)
+
+
 # ------------------------------------------------------------------ training
 def train(values: Dict[str, Any]) -> str:
     from . import runtime
