@@ -151,7 +151,8 @@ def test_ckpt_input_and_sd_scripts_flags(sd1, tmp_path, capsys):
 
 
 def test_algorithm_registry_lets_another_network_type_merge_and_resize(sd1, sd1_host, tmp_path):
-    """How LyCORIS types join: register the key set and its ΔW (here LyCORIS "full": ΔW = diff)."""
+    """How a new network type joins: register its key set and ΔW (here a made-up dense "delta_w"; the
+    LyCORIS types are registered this way, see test_post_lycoris.py)."""
     from safetensors.torch import save_file
     from lora_trainer.post import resize_lora
     from lora_trainer.post.lora_math import ALGORITHMS, Algorithm, register_algorithm
@@ -159,12 +160,12 @@ def test_algorithm_registry_lets_another_network_type_merge_and_resize(sd1, sd1_
     key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
     base = load(ckpt)
     diff = torch.randn(base[key].shape, generator=torch.Generator().manual_seed(0)) * 0.01
-    path = tmp_path / "full.safetensors"
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.diff": diff}, str(path), metadata={"ss_v2": "False"})
-    with pytest.raises(UserError, match="LyCORIS full"):
+    path = tmp_path / "dense.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.delta_w": diff}, str(path), metadata={"ss_v2": "False"})
+    with pytest.raises(UserError, match=r"unknown \(delta_w\)"):
         merge_lora_into_checkpoint(ckpt, [path], tmp_path / "a.safetensors")
-    register_algorithm(Algorithm("full", frozenset({"diff"}), frozenset({"diff_b"}), delta=lambda p: p["diff"].float(),
-                                 shape=lambda p: tuple(p["diff"].shape)))
+    register_algorithm(Algorithm("test-dense", frozenset({"delta_w"}), frozenset(), delta=lambda p: p["delta_w"].float(),
+                                 shape=lambda p: tuple(p["delta_w"].shape)))
     try:
         merge_lora_into_checkpoint(ckpt, [(path, 0.5)], tmp_path / "b.safetensors")
         torch.testing.assert_close(load(tmp_path / "b.safetensors")[key], base[key] + 0.5 * diff)
@@ -172,4 +173,4 @@ def test_algorithm_registry_lets_another_network_type_merge_and_resize(sd1, sd1_
         r = load(tmp_path / "r.safetensors")
         assert r["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[0] == 4
     finally:
-        ALGORITHMS.pop("full")
+        ALGORITHMS.pop("test-dense")

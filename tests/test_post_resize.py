@@ -107,11 +107,9 @@ def test_user_errors_write_nothing(lora, tmp_path):
         resize_lora(lora, tmp_path / "a.safetensors", dynamic_method="sv_ratio", dynamic_param=0.5)
     with pytest.raises(UserError, match="one of the inputs"):
         resize_lora(lora, lora, new_rank=2)
-    loha = tmp_path / "loha.safetensors"
+    ia3 = tmp_path / "ia3.safetensors"  # IA3 scales the checkpoint's weights: no ΔW without them
     from safetensors.torch import save_file
-    save_file({"lora_unet_x.hada_w1_a": torch.ones(4, 2), "lora_unet_x.hada_w1_b": torch.ones(2, 4),
-               "lora_unet_x.hada_w2_a": torch.ones(4, 2), "lora_unet_x.hada_w2_b": torch.ones(2, 4),
-               "lora_unet_x.alpha": torch.tensor(2.0)}, str(loha))
-    with pytest.raises(UserError, match="LoHa"):
-        resize_lora(loha, tmp_path / "a.safetensors", new_rank=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["loha.safetensors"]
+    save_file({"lora_unet_x.weight": torch.ones(4), "lora_unet_x.on_input": torch.tensor(False)}, str(ia3))
+    with pytest.raises(UserError, match="IA3.*extract"):
+        resize_lora(ia3, tmp_path / "a.safetensors", new_rank=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ia3.safetensors"]

@@ -1,8 +1,11 @@
 """Check: look inside a LoRA file for dead or broken tensors, as sd-scripts' ``check_lora_weights.py``
 but with a verdict.
 
-Per module: rank, alpha, ‖ΔW‖, mean and min |w| of each tensor, all-zero tensors, NaN/Inf. The
-summary tells the expected case from real damage:
+Per module: type, rank, alpha, ‖ΔW‖, mean and min |w| of each tensor, all-zero tensors, NaN/Inf, for
+plain LoRA/LoCon and the LyCORIS types alike (ΔW by the WebUI's rule; IA3, OFT and DoRA change a
+layer relative to its weight, which a file alone does not hold, so for them ‖ΔW‖ is not given and a
+module is zero when one of its trained tensors is). The summary tells the expected case from real
+damage:
 - clip skip N leaves the last N-1 text-encoder layers untrained (their outputs are never used; at
   SD2's "penultimate" layer and SDXL's first encoder the last layer is always unused). Their
   ``lora_up`` stays at its zero initialisation: harmless.
@@ -20,8 +23,12 @@ import torch
 
 from ..io.hashes import addnet_hash_file
 from .files import KIND_NAMES, LoRAFile, fmt_list, is_text_encoder, module_counts, read_lora
+from .lora_math import module_delta
 
 FP16_TINY = 2.0 ** -14  # below this fp16 values are subnormal (precision lost), below 2**-24 they are zero
+# settings and side tensors: a zero there is no sign of damage (IA3's on_input is a flag, a zero diff_b is
+# an untouched bias, DoRA's magnitude and OFT's rescale are not deltas)
+SIDE_PARTS = frozenset({"alpha", "scale", "on_input", "dora_scale", "rescale", "diff_b", "b_norm"})
 
 
 @dataclass
@@ -48,6 +55,7 @@ class ModuleCheck:
     tensors: List[TensorCheck]
     status: str = "ok"   # ok | zero-expected | zero | nonfinite | unknown
     note: str = ""
+    bias_norm: Optional[float] = None  # ‖Δbias‖ of types that change the bias too (full diff_b, norm b_norm)
 
     @property
     def nonfinite(self) -> bool:
@@ -55,7 +63,18 @@ class ModuleCheck:
 
     @property
     def zero(self) -> bool:
-        return self.delta_norm == 0.0 or any(t.zero for t in self.tensors if t.part != "alpha")
+        if self.delta_norm is not None:
+            return self.delta_norm == 0.0 and not self.bias_norm
+        return any(t.zero for t in self.tensors if t.part not in SIDE_PARTS)
+
+    @property
+    def smallest(self) -> Optional[TensorCheck]:
+        """lora_up (where fp16 underflow shows first), else the trained tensor with the smallest mean |w|."""
+        up = next((t for t in self.tensors if t.part == "lora_up.weight"), None)
+        if up is not None:
+            return up
+        main = [t for t in self.tensors if t.part not in SIDE_PARTS and t.dtype != "bool" and len(t.shape)]
+        return min(main, key=lambda t: t.mean_abs, default=None)
 
 
 @dataclass
@@ -77,13 +96,21 @@ class CheckReport:
                f"{len(self.modules)} modules"]
         if per_module:
             width = max((len(m.name) for m in self.modules), default=10)
-            out.append(f"  {'module':<{width}}  rank alpha     |dW|       up mean|w|  up min|w|  status")
+            types = {m.algo for m in self.modules}
+            algo_col = len(types) > 1 or types - {"lora"}
+            tw = max((len(m.algo) for m in self.modules), default=4) if algo_col else 0
+            head = f"{'type':<{tw}} " if algo_col else ""
+            # lora_up where every module has one, else each module's trained tensor with the smallest mean |w|
+            part = "up" if all(any(t.part == "lora_up.weight" for t in m.tensors) for m in self.modules) else "min-part"
+            out.append(f"  {'module':<{width}}  {head}rank alpha     |dW|       {part + ' mean|w|':>11}  "
+                       f"{part + ' min|w|':>9}  status")
             for m in self.modules:
-                up = next((t for t in m.tensors if t.part == "lora_up.weight"), None)
+                up = m.smallest
                 norm = f"{m.delta_norm:10.4g}" if m.delta_norm is not None else "         ?"
                 alpha = f"{m.alpha:<8g}" if m.alpha is not None else "-       "
                 ups = f"{up.mean_abs:10.3g} {up.min_abs:10.3g}" if up else " " * 21
-                out.append(f"  {m.name:<{width}}  {str(m.rank or '?'):>4} {alpha} {norm}  {ups}  "
+                algo = f"{m.algo:<{tw}} " if algo_col else ""
+                out.append(f"  {m.name:<{width}}  {algo}{str(m.rank or '?'):>4} {alpha} {norm}  {ups}  "
                            f"{m.status}{' - ' + m.note if m.note else ''}")
         out += ["summary: " + s for s in self.summary]
         out.append(f"verdict: {'DAMAGED' if self.damaged else 'OK'}")
@@ -152,14 +179,16 @@ def check_lora(path) -> CheckReport:
         rank = algo.rank(parts) if algo and algo.rank else None
         alpha = float(parts["alpha"]) if "alpha" in parts and parts["alpha"].numel() == 1 else None
         m = ModuleCheck(name, algo.name if algo else "unknown", rank, alpha, None, tensors)
-        if algo is not None and not m.nonfinite:
+        if algo is not None and not m.nonfinite and not algo.needs_weight:
             with torch.no_grad():
-                m.delta_norm = float(algo.delta(parts).norm())
+                m.delta_norm = float(module_delta(parts, algo).norm())
+                bias = algo.bias(parts) if algo.bias else None
+                m.bias_norm = float(bias.norm()) if bias is not None else None
         if m.nonfinite:
             bad = [t.part for t in tensors if t.nan or t.inf]
             m.status, m.note = "nonfinite", f"NaN/Inf in {', '.join(bad)}"
         elif m.zero:
-            zero_parts = [t.part for t in tensors if t.zero and t.part != "alpha"]
+            zero_parts = [t.part for t in tensors if t.zero and t.part not in SIDE_PARTS]
             what = ", ".join(zero_parts) + " all zero" if zero_parts else "ΔW is zero"
             if alpha == 0 and rank:
                 what = "alpha is 0 (the WebUI applies it with scale 0)"
@@ -169,6 +198,8 @@ def check_lora(path) -> CheckReport:
                 m.status, m.note = "zero", what
         elif algo is None:
             m.status = "unknown"
+        if "dora_scale" in parts and parts["dora_scale"].dim() >= 2 and parts["dora_scale"].shape[0] != 1:
+            m.note = (m.note + "; " if m.note else "") + "dora_scale is per output row (wd_on_output)"
         report.modules.append(m)
     _summarise(report, f, unused)
     return report
@@ -179,8 +210,23 @@ def _summarise(report: CheckReport, f: LoRAFile, unused: Set[str]) -> None:
     ms = report.modules
     n_unet, n_te = module_counts(m.name for m in ms)
     ranks = sorted({m.rank for m in ms if m.rank})
-    s.append(f"{n_unet} UNet + {n_te} text-encoder modules; rank {fmt_list([str(r) for r in ranks], 6) or '?'}; "
+    types: Dict[str, int] = {}
+    for m in ms:
+        a = f.algos[m.name]
+        label = (a.label or a.name) if a is not None else "unknown"
+        types[label] = types.get(label, 0) + 1
+    kinds = "; " + ", ".join(f"{n} {t}" for t, n in types.items()) if set(types) != {"LoRA / LoCon"} else ""
+    s.append(f"{n_unet} UNet + {n_te} text-encoder modules{kinds}; rank {fmt_list([str(r) for r in ranks], 6) or '?'}; "
              f"clip skip {report.clip_skip} (from metadata)")
+    weighted = [m.name for m in ms if f.algos[m.name] is not None and f.algos[m.name].needs_weight]
+    if weighted:
+        s.append(f"note: {len(weighted)} modules (IA3 / OFT / DoRA) change their layer relative to the checkpoint's "
+                 "weights, so their |dW| needs the checkpoint; their tensors were checked for zero/NaN/Inf")
+    wd_out = [m.name for m in ms if "wd_on_output" in m.note]
+    if wd_out:
+        s.append(f"warning: {len(wd_out)} DoRA modules store their magnitude per output row (trained with "
+                 f"wd_on_output=True, {fmt_list(wd_out)}): the WebUI (v1.10) applies it per input column, so it "
+                 "will not reproduce the training; train again with wd_on_output=False")
     damaged = False
     bad = [m.name for m in ms if m.status == "nonfinite"]
     if bad:
@@ -198,7 +244,7 @@ def _summarise(report: CheckReport, f: LoRAFile, unused: Set[str]) -> None:
                  f"{'it' if layers == 1 else 'they'} cannot train. Harmless.")
     zero = [m for m in ms if m.status == "zero"]
     fp16 = f.dtype == torch.float16
-    ups = [t for m in ms for t in m.tensors if t.part == "lora_up.weight"]
+    ups = [m.smallest for m in ms if m.smallest is not None]
     tiny = sum(t.tiny_frac * _numel(t) for t in ups) / max(1, sum(_numel(t) for t in ups))
     partly = [m.name for m in ms if m.status == "ok" and any(0.5 <= t.zero_frac < 1 for t in m.tensors if t.part != "alpha")]
     if zero:
@@ -218,8 +264,9 @@ def _summarise(report: CheckReport, f: LoRAFile, unused: Set[str]) -> None:
         s.append(f"warning: {len(partly)} modules have tensors that are mostly exact zeros ({fmt_list(partly)})"
                  + (": fp16 underflow is eating them; save with bf16 or float" if fp16 else ""))
     if fp16 and tiny > 0.1:
-        s.append(f"note: {100 * tiny:.0f}% of the lora_up values are fp16 subnormals (below 6.1e-5, fewer digits "
-                 "kept): the weights are close to fp16's lower limit; bf16 or float would keep them exactly.")
+        s.append(f"note: {100 * tiny:.0f}% of the lora_up values (or the smallest trained tensor's) are fp16 "
+                 "subnormals (below 6.1e-5, fewer digits kept): the weights are close to fp16's lower limit; bf16 "
+                 "or float would keep them exactly.")
     unknown = [m.name for m in ms if m.status == "unknown"]
     if unknown:
         s.append(f"note: {len(unknown)} modules are of a type this checker cannot rebuild ({fmt_list(unknown)}); "

@@ -6,6 +6,13 @@ so ``<lora:combined:1>`` is exactly ``<lora:A:ra> <lora:B:rb>``. With ``new_rank
 is re-factored by SVD to that rank (the best approximation at that rank; ``new_conv_rank`` for 3×3
 convs). Modules are matched by the layer they land on, so a file with diffusers-style names and one
 with LDM-style names combine correctly.
+
+LyCORIS inputs: LoCon with a CP/Tucker core still has up/down factors and concatenates exactly. LoHa,
+LoKr and full/diff modules do not (ΔW is a Hadamard or Kronecker product, or dense), so with any of
+them ``new_rank`` is required: each layer's Σ ratio·ΔW (ΔW by the WebUI's rule) is re-factored by SVD
+into a plain LoRA; without it combine refuses. Norm modules (``w_norm``/``b_norm``) add up exactly
+and stay norm modules; ``full`` bias changes (``diff_b``) cannot be held by a LoRA and are left out
+(the report says how many). IA3, OFT and DoRA depend on the checkpoint's weights: refused.
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ from ..io.lora_file import SAVE_DTYPES, save_lora
 from ..networks.naming import webui_convert_name
 from .files import (KIND_NAMES, LoraSpec, LoRAFile, check_kinds, check_output, finite_or_raise, kind_metadata,
                     output_metadata, parse_specs, read_lora)
-from .lora_math import SVD, lowrank_svd, retained, select_rank, to_lora
+from .lora_math import (SVD, full_svd, layer_shape_of, lowrank_svd, module_delta, require_known, retained, select_rank,
+                        to_lora)
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +98,16 @@ def combine_loras(loras: Sequence[LoraSpec], save_to, *, new_rank: Optional[int]
     out = check_output(save_to, [p for p, _ in specs], overwrite=overwrite)
     files = [read_lora(p) for p, _ in specs]
     for f in files:
-        f.require_supported("combine", need_factors=True)
+        require_known(f, "combine", without_base=True)
         finite_or_raise(f)
     kind = check_kinds(files)
+    dense = [(f, a) for f in files for a in f.algos.values() if a.factors is None and a.name != "norm"]
+    if dense and not new_rank:
+        f, a = dense[0]
+        raise UserError(f"{f.name} holds {a.label or a.name} modules: their ΔW is not an up @ down product, so their "
+                        "ranks cannot be stacked into a plain LoRA exactly. Give new_rank (e.g. --new_rank 32): each "
+                        "layer's weighted sum is then re-factored by SVD to that rank, as a plain LoRA. "
+                        "Nothing was written.")
     groups: Dict[str, List[Tuple[int, str]]] = {}
     for i, f in enumerate(files):
         for name in f.modules:
@@ -100,15 +115,35 @@ def combine_loras(loras: Sequence[LoraSpec], save_to, *, new_rank: Optional[int]
     precision = save_precision or files[0].precision()
     report = CombineReport([(f.name, r) for f, (_, r) in zip(files, specs)], out, kind, new_rank, precision=precision)
     tensors: Dict[str, torch.Tensor] = {}
+    norms, no_bias = 0, set()
     with torch.no_grad():
         for n, members in enumerate(groups.values()):
-            name, up, down, mod = _combine_module(files, specs, members, new_rank, new_conv_rank, device)
-            tensors[f"{name}.lora_up.weight"] = up
-            tensors[f"{name}.lora_down.weight"] = down
-            tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
-            report.modules.append(mod)
+            algos = [files[i].algos[name] for i, name in members]
+            if any(a.name == "norm" for a in algos):
+                name = _combine_norm(files, specs, members, tensors)
+                norms += 1
+            else:
+                name, up, down, mod = _combine_module(files, specs, members, new_rank, new_conv_rank, device, kind)
+                tensors[f"{name}.lora_up.weight"] = up
+                tensors[f"{name}.lora_down.weight"] = down
+                tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+                report.modules.append(mod)
+                for (i, m), a in zip(members, algos):
+                    b = a.bias(files[i].modules[m]) if a.bias else None
+                    if b is not None and bool(b.any()) and specs[i][1] != 0:
+                        no_bias.add(name)
             if progress:
                 progress(n + 1, len(groups), name)
+    if dense:
+        labels = sorted({a.label or a.name for _, a in dense})
+        report.notes.append(f"{', '.join(labels)} modules were re-factored by SVD of their ΔW: the result is a plain "
+                            "LoRA (ss_network_module networks.lora)")
+    if norms:
+        report.notes.append(f"{norms} LyCORIS norm modules (w_norm, b_norm) were added up with their ratios and kept "
+                            "as norm modules (the WebUI applies them from any file)")
+    if no_bias:
+        report.notes.append(f"{len(no_bias)} layers also had a bias change (LyCORIS full diff_b); a plain LoRA holds "
+                            "no bias, so those changes are left out. merge keeps them")
     skips = {f.metadata.get("ss_clip_skip") for f in files if f.metadata.get("ss_clip_skip")}
     if len(skips) > 1:
         report.notes.append(f"the files were trained with different clip skips ({', '.join(sorted(skips))}); "
@@ -119,24 +154,53 @@ def combine_loras(loras: Sequence[LoraSpec], save_to, *, new_rank: Optional[int]
     return report
 
 
-def _combine_module(files: List[LoRAFile], specs, members, new_rank, new_conv_rank, device):
+def _combine_norm(files: List[LoRAFile], specs, members, tensors) -> str:
     first_file, first_name = files[members[0][0]], members[0][1]
-    algo = first_file.algos[first_name]
-    shape = tuple(algo.shape(first_file.modules[first_name]))
+    total: Dict[str, torch.Tensor] = {}
+    for i, name in members:
+        if files[i].algos[name].name != "norm":
+            raise UserError(f"{first_name} is a norm module in {first_file.name} but not in {files[i].name}: "
+                            "these files are for different models.")
+        for part in ("w_norm", "b_norm"):
+            t = files[i].modules[name][part].float() * specs[i][1]
+            if part in total and total[part].shape != t.shape:
+                raise UserError(f"{first_name} has shape {tuple(total[part].shape)} in {first_file.name} but "
+                                f"{tuple(t.shape)} in {files[i].name}: these files are for different models.")
+            total[part] = total[part] + t if part in total else t
+    for part, t in total.items():
+        tensors[f"{first_name}.{part}"] = t
+    return first_name
+
+
+def _combine_module(files: List[LoRAFile], specs, members, new_rank, new_conv_rank, device, kind=None):
+    first_file, first_name = files[members[0][0]], members[0][1]
+    shapes = [tuple(files[i].algos[name].shape(files[i].modules[name])) for i, name in members]
+    # the layer's shape: a member's 4-D one, else known from the name (LyCORIS saves some convs flattened)
+    shape = next((s for s in shapes if len(s) == 4), None) or layer_shape_of(first_name, shapes[0], kind)
+    for (i, name), s in zip(members, shapes):
+        if s[0] != shape[0] or _numel(s) != _numel(shape):
+            raise UserError(f"{first_name} has shape {shapes[0]} in {first_file.name} but "
+                            f"{s} in {files[i].name}: these LoRAs are for different models.")
+    conv3 = len(shape) == 4 and shape[2:] != (1, 1)
+    cap = (new_conv_rank if conv3 and new_conv_rank else new_rank)
+    if any(files[i].algos[name].factors is None for i, name in members):
+        # LoHa / LoKr / full: form Σ ratio·ΔW and factor it (cap is set: checked before anything ran)
+        w = torch.zeros(shape, dtype=torch.float32, device=device)
+        for i, name in members:
+            w += module_delta(files[i].modules[name], files[i].algos[name]).to(device).reshape(shape) * specs[i][1]
+        svd = full_svd(w, device)
+        r = select_rank(svd.S, cap)
+        up, down = to_lora(svd, r, split="sqrt")
+        return first_name, up, down, ModuleCombine(first_name, len(members), r, retained(svd.S, r).fro)
     a_parts, b_parts = [], []
     for i, name in members:
         parts, algo = files[i].modules[name], files[i].algos[name]
         a, b = algo.factors(parts)
-        if a.shape[0] != shape[0] or b.shape[1] != _numel(shape[1:]):
-            raise UserError(f"{first_name} has shape {shape} in {first_file.name} but "
-                            f"{tuple(algo.shape(parts))} in {files[i].name}: these LoRAs are for different models.")
         c = specs[i][1]
         s = abs(c) ** 0.5
         a_parts.append(a * (s if c >= 0 else -s))
         b_parts.append(b * s)
     a, b = torch.cat(a_parts, 1).to(device), torch.cat(b_parts, 0).to(device)
-    conv3 = len(shape) == 4 and shape[2:] != (1, 1)
-    cap = (new_conv_rank if conv3 and new_conv_rank else new_rank)
     if cap:
         u, s, vh = lowrank_svd(a, b)
         r = select_rank(s, cap)

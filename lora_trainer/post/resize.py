@@ -5,6 +5,15 @@ cut to a rank: ``new_rank`` for all (``new_conv_rank`` for 3×3 convs), or per m
 ``dynamic_method`` (sv_ratio / sv_cumulative / sv_fro with ``dynamic_param``), never above
 ``new_rank``. As in sd-scripts the singular values go into ``lora_up`` and the new alpha is
 ``old_scale · new_rank``, so ``alpha / rank`` (the strength at weight 1) is unchanged.
+
+LyCORIS files (LoHa, LoKr, LoCon with CP, full/diff) have no up/down factors to cut: their modules'
+ΔW is formed by the WebUI's rule and factored the same way, so the output is a plain LoRA
+(``ss_network_module`` networks.lora) of the asked rank whose ΔW is the best approximation of the
+input's; the report says so. Conv layers get a proper kernel in ``lora_down`` even where LyCORIS
+saved the factors flattened (:func:`lora_math.layer_shape_of`). A plain LoRA holds no bias: the
+bias changes of ``full`` modules are left out (the report counts them); norm modules (``w_norm``,
+``b_norm``) are copied as they are. IA3, OFT and DoRA change a layer relative to the checkpoint's
+weights, which resize does not see: refused, with the way round (merge, then extract).
 """
 from __future__ import annotations
 
@@ -20,7 +29,8 @@ import torch
 from ..errors import UserError
 from ..io.lora_file import SAVE_DTYPES, save_lora
 from .files import check_output, finite_or_raise, output_metadata, read_lora
-from .lora_math import check_dynamic, module_svd, retained, scale_of, select_rank, to_lora
+from .lora_math import (check_dynamic, layer_shape_of, module_delta, module_svd, require_known, retained, scale_of,
+                        select_rank, to_lora)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +46,7 @@ class ModuleResize:
     sum: float          # share of the sum of singular values kept
     capped: bool        # the dynamic method wanted more than new_rank
     zero: bool          # ΔW was all zero
+    algo: str = "lora"  # the input module's type (registry name)
 
 
 @dataclass
@@ -51,10 +62,16 @@ class ResizeReport:
     bytes_before: int = 0
     bytes_after: int = 0
     seconds: float = 0.0
+    converted: Dict[str, int] = field(default_factory=dict)  # LyCORIS type label -> modules turned into LoRA
+    notes: List[str] = field(default_factory=list)
 
     def summary(self) -> List[str]:
         ms = [m for m in self.modules if not m.zero]
         out = []
+        if self.converted:
+            what = ", ".join(f"{n} {label}" for label, n in self.converted.items())
+            out.append(f"converted to a plain LoRA: {what} modules re-factored by SVD of their ΔW (the WebUI's rule); "
+                       "the new file is a plain LoRA (ss_network_module networks.lora), not a LyCORIS file")
         if ms:
             ranks = [m.new_rank for m in ms]
             worst = min(ms, key=lambda m: m.fro)
@@ -68,6 +85,7 @@ class ResizeReport:
         zero = [m for m in self.modules if m.zero]
         if zero:
             out.append(f"{len(zero)} modules are all zero (untrained); kept at rank 1")
+        out += self.notes
         out.append(f"size {self.bytes_before / 1e6:.1f} MB -> {self.bytes_after / 1e6:.1f} MB ({self.precision}); "
                    f"{self.seconds:.1f}s")
         return out
@@ -101,7 +119,7 @@ def resize_lora(model, save_to, *, new_rank: Optional[int] = None, new_conv_rank
     if save_precision is not None and save_precision not in SAVE_DTYPES:
         raise UserError(f"save_precision {save_precision!r} is unknown: use float, fp16 or bf16.")
     f = read_lora(model)
-    f.require_supported("resize")
+    require_known(f, "resize", without_base=True)
     finite_or_raise(f)
     out = check_output(save_to, [model], overwrite=overwrite)
     precision = save_precision or f.precision()
@@ -110,11 +128,21 @@ def resize_lora(model, save_to, *, new_rank: Optional[int] = None, new_conv_rank
     tensors: Dict[str, torch.Tensor] = {}
     alphas = set()
     total = len(f.modules)
+    norms, no_bias = [], []
     with torch.no_grad():
         for i, (name, parts) in enumerate(f.modules.items()):
             algo = f.algos[name]
+            if algo.name == "norm":  # a LoRA's ΔW cannot hold it; the WebUI reads it in any file
+                for part, t in parts.items():
+                    tensors[f"{name}.{part}"] = t
+                norms.append(name)
+                continue
+            bias = algo.bias(parts) if algo.bias else None
+            if bias is not None and bool(bias.any()):
+                no_bias.append(name)
             old_rank = algo.rank(parts) if algo.rank else None
-            svd = module_svd(parts, algo, device)
+            shape = algo.shape(parts) if algo.shape else tuple(module_delta(parts, algo).shape)
+            svd = module_svd(parts, algo, device, layer_shape_of(name, shape, f.kind))
             conv3 = len(svd.shape) == 4 and tuple(svd.shape[2:]) != (1, 1)
             cap = (new_conv_rank if conv3 and new_conv_rank else new_rank) or len(svd.S)
             r = select_rank(svd.S, cap, dynamic_method, dynamic_param)
@@ -132,10 +160,19 @@ def resize_lora(model, save_to, *, new_rank: Optional[int] = None, new_conv_rank
             tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
             if not zero and not conv3:
                 alphas.add(round(alpha, 6))
-            report.modules.append(ModuleResize(name, old_rank, r, kept.fro, kept.sum, wanted > r, zero))
+            report.modules.append(ModuleResize(name, old_rank, r, kept.fro, kept.sum, wanted > r, zero, algo.name))
+            if algo.name != "lora":
+                label = algo.label or algo.name
+                report.converted[label] = report.converted.get(label, 0) + 1
             if progress:
                 progress(i + 1, total, name)
-    old_dim = f.metadata.get("ss_network_dim") or str(max((m.old_rank or 0) for m in report.modules))
+    if norms:
+        report.notes.append(f"{len(norms)} LyCORIS norm modules (w_norm, b_norm) were copied unchanged: a LoRA's "
+                            "factors cannot hold them; the WebUI applies them from any file")
+    if no_bias:
+        report.notes.append(f"{len(no_bias)} modules also change their layer's bias (LyCORIS full diff_b); a plain "
+                            "LoRA holds no bias, so those changes are left out. merge keeps them")
+    old_dim = f.metadata.get("ss_network_dim") or str(max((m.old_rank or 0 for m in report.modules), default=0))
     md = dict(f.metadata)
     args = _network_args(md)
     if dynamic_method:
@@ -155,13 +192,16 @@ def resize_lora(model, save_to, *, new_rank: Optional[int] = None, new_conv_rank
                            and tuple(tensors[f"{m.name}.lora_down.weight"].shape[2:]) != (1, 1) and not m.zero}
             args["conv_dim"] = str(new_conv_rank or new_rank)
             args["conv_alpha"] = str(conv_alphas.pop()) if len(conv_alphas) == 1 else "Dynamic"
-    if any(a is not None and a.name != "lora" for a in f.algos.values()):
+    if report.converted:
         md["ss_network_module"] = "networks.lora"
         args = None
         md.pop("ss_network_args", None)
+        types = ", ".join(report.converted)
+        comment = f"converted from {types} to a plain LoRA by SVD of ΔW; " + comment
     if args is not None:
         md["ss_network_args"] = json.dumps(args)
     note = {"tool": "resize", "input": f.name, "input_hash": f.metadata.get("sshs_model_hash"),
+            "converted_from": sorted({m.algo for m in report.modules if m.algo != "lora"}) or None,
             "new_rank": new_rank, "new_conv_rank": new_conv_rank, "dynamic_method": dynamic_method,
             "dynamic_param": dynamic_param, "save_precision": precision}
     save_lora(out, tensors, output_metadata(md, out, note, comment), precision)
