@@ -141,3 +141,18 @@ def test_sdxl_is_refused_with_a_message_before_any_work(webui, tmp_path):
         assert not (webui.lora_dir / "xl").exists()
     finally:
         webui.switch_checkpoint("tiny-sd1")
+
+
+def test_tab_is_registered_and_startup_is_clean(webui):
+    status, config = webui.call("/config")
+    assert status == 200
+    text = str(config)
+    assert "Train LoRA" in text and "Tools: resize, check, merge, extract, combine" in text
+    log = webui.log()
+    startup = log[: log.find("Startup time")] if "Startup time" in log else log
+    # the WebUI reports a checkout without an 'origin' remote (a local clone) with a traceback: not ours
+    known = "Remote named 'origin' didn't exist"
+    assert startup.count("Traceback") == startup.count(known), startup[-3000:]
+    ours = [l for l in startup.splitlines() if ("lora_trainer" in l or "lora-trainer" in l) and
+            any(w in l for w in ("Error", "error", "Exception", "Warning"))]
+    assert not ours, ours
