@@ -14,7 +14,7 @@ import torch
 from ..errors import UserError
 from ..io.lora_file import load_lora
 from ..io.metadata import ARCHITECTURES, BASE_VERSIONS
-from .lora_math import Algorithm, Parts, describe_parts, detect_algorithm
+from .lora_math import Algorithm, Parts, detect_algorithm
 
 KINDS = ("sd1", "sd2", "sdxl")
 KIND_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
@@ -36,20 +36,6 @@ class LoRAFile:
     @property
     def name(self) -> str:
         return self.path.name
-
-    def unsupported(self, need_factors: bool = False) -> Dict[str, str]:
-        return {n: (a.label or a.name) if a is not None else describe_parts(self.modules[n])
-                for n, a in self.algos.items() if a is None or (need_factors and a.factors is None)}
-
-    def require_supported(self, what: str, need_factors: bool = False) -> None:
-        """UserError unless every module's algorithm is registered (and, for tools that stack factors,
-        can give its ΔW as up @ down)."""
-        bad = self.unsupported(need_factors)
-        if bad:
-            name, desc = next(iter(bad.items()))
-            raise UserError(f"{self.name}: {len(bad)} modules are {desc}, which {what} does not handle yet "
-                            f"(e.g. {name}); only plain LoRA / LoCon (lora_up, lora_down, alpha) is supported. "
-                            "Nothing was written.")
 
     def precision(self) -> str:
         return PRECISION_OF.get(self.dtype, "float")
