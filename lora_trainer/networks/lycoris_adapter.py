@@ -20,14 +20,14 @@ supplies the per-layer math. Known library faults (research libs.md §3.5) are a
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from .base import NetworkBase
 from .naming import HF_CLIP_TARGETS, hf_clip_te_name, unet_kohya_name
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def targets(unet: Optional[nn.Module], text_encoders, preset: str) -> List[Tuple
 
 
 # ------------------------------------------------------------------ the network
-class AdapterNetwork(nn.Module):
+class AdapterNetwork(NetworkBase):
     """One adapter module per adapted layer (lycoris-lora's, or ours with the same interface: apply_to,
     restore, multiplier, org_module), registered under its kohya name so ``state_dict()`` has the
     file's keys. Offers what the training run uses of :class:`LoRANetwork`."""
@@ -225,9 +225,6 @@ class AdapterNetwork(nn.Module):
     def __init__(self, s: Dict[str, Any]):
         super().__init__()
         self.settings = s
-        self.unet_names: List[str] = []
-        self.te_names: List[str] = []
-        self.applied = False
         self._saved_forwards: Dict[str, Any] = {}
 
     def add(self, name: str, module: nn.Module, is_text_encoder: bool) -> None:
@@ -288,27 +285,6 @@ class AdapterNetwork(nn.Module):
                             "choose another preset (full covers everything).")
         return net
 
-    # ------------------------------------------------------------ access
-    def lora_modules(self) -> List[nn.Module]:
-        return [self._modules[n] for n in self.te_names + self.unet_names]
-
-    def set_multiplier(self, multiplier: float) -> None:
-        for m in self.lora_modules():
-            m.multiplier = float(multiplier)
-
-    def param_groups(self, unet_lr: float, te_lr: float, train_unet: bool = True, train_te: bool = True) -> List[dict]:
-        groups = []
-        if train_te and self.te_names:
-            groups.append({"params": [p for n in self.te_names for p in self._modules[n].parameters()],
-                           "lr": te_lr, "name": "textencoder"})
-        if train_unet and self.unet_names:
-            groups.append({"params": [p for n in self.unet_names for p in self._modules[n].parameters()],
-                           "lr": unet_lr, "name": "unet"})
-        for g in groups:
-            for p in g["params"]:
-                p.requires_grad_(True)
-        return groups
-
     # ------------------------------------------------------------ apply / remove
     def apply(self) -> None:
         if self.applied:
@@ -332,45 +308,13 @@ class AdapterNetwork(nn.Module):
                 layer.forward = had
         self.applied = False
 
-    @contextlib.contextmanager
-    def applied_to_model(self, multiplier: Optional[float] = None) -> Iterator["AdapterNetwork"]:
-        was = self.applied
-        old = [m.multiplier for m in self.lora_modules()]
-        if multiplier is not None:
-            self.set_multiplier(multiplier)
-        if not was:
-            self.apply()
-        try:
-            yield self
-        finally:
-            if not was:
-                self.remove()
-            for m, v in zip(self.lora_modules(), old):
-                m.multiplier = v
-
     # ------------------------------------------------------------ weights
     def kohya_state_dict(self) -> Dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.state_dict().items()}
 
     def load_kohya_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
-        own = self.state_dict()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
-        if missing or unexpected:
-            raise UserError(
-                f"The file does not match this LyCORIS network ({self.settings['algo']}, preset "
-                f"{self.settings['preset']}): {len(missing)} missing keys"
-                f"{' (e.g. ' + missing[0] + ')' if missing else ''}, {len(unexpected)} unexpected"
-                f"{' (e.g. ' + unexpected[0] + ')' if unexpected else ''}. Use the same algo, preset, network_dim, "
-                "conv_dim and trained parts as the file, or start without network_weights.")
-        bad = [k for k in own if own[k].shape != sd[k].shape]
-        if bad:
-            raise UserError(f"The file's {bad[0]} has shape {tuple(sd[bad[0]].shape)}, the network "
-                            f"{tuple(own[bad[0]].shape)}: set network_dim/conv_dim/factor to the file's.")
-        result = self.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
-        left = [k for k in result.missing_keys if k in own]
-        if left:
-            raise UserError(f"Could not load {left[0]} from the file into the LyCORIS network.")
+        self._load_checked(sd, f"this LyCORIS network ({self.settings['algo']}, preset {self.settings['preset']})",
+                           "algo, preset, network_dim, conv_dim, factor")
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,29 +1,26 @@
 """The LoRA network over a host's UNet and text encoders: build, apply/remove, save/load, max-norm."""
 from __future__ import annotations
 
-import contextlib
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from .base import NetworkBase
 from .lora import LoRAModule, MHAPatch, make_mha_lora
 from .naming import Target, text_encoder_targets, unet_targets
 
 NETWORK_MODULE = "networks.lora"
 
 
-class LoRANetwork(nn.Module):
+class LoRANetwork(NetworkBase):
     """Holds one :class:`LoRAModule` per adapted layer, registered under its kohya name, so
     ``state_dict()`` has exactly the keys a kohya file has (``<name>.lora_down.weight`` ...)."""
 
     def __init__(self):
         super().__init__()
-        self.unet_names: List[str] = []
-        self.te_names: List[str] = []
         self._patches: List[object] = []
-        self.applied = False
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -63,29 +60,11 @@ class LoRANetwork(nn.Module):
         return net
 
     # ------------------------------------------------------------ access
-    def lora_modules(self) -> List[LoRAModule]:
-        return [m for m in self.children() if isinstance(m, LoRAModule)]
-
     def unet_modules(self) -> List[LoRAModule]:
         return [self._modules[n] for n in self.unet_names]
 
     def te_modules(self) -> List[LoRAModule]:
         return [self._modules[n] for n in self.te_names]
-
-    def set_multiplier(self, multiplier: float) -> None:
-        for m in self.lora_modules():
-            m.multiplier = float(multiplier)
-
-    def param_groups(self, unet_lr: float, te_lr: float, train_unet: bool = True,
-                     train_te: bool = True) -> List[dict]:
-        groups = []
-        if train_te and self.te_names:
-            groups.append({"params": [p for m in self.te_modules() for p in m.parameters()], "lr": te_lr,
-                           "name": "textencoder"})
-        if train_unet and self.unet_names:
-            groups.append({"params": [p for m in self.unet_modules() for p in m.parameters()], "lr": unet_lr,
-                           "name": "unet"})
-        return groups
 
     # ------------------------------------------------------------ apply / remove
     def apply(self) -> None:
@@ -98,41 +77,9 @@ class LoRANetwork(nn.Module):
             p.remove()
         self.applied = False
 
-    @contextlib.contextmanager
-    def applied_to_model(self, multiplier: Optional[float] = None) -> Iterator["LoRANetwork"]:
-        was_applied = self.applied
-        old = [m.multiplier for m in self.lora_modules()]
-        if multiplier is not None:
-            self.set_multiplier(multiplier)
-        if not was_applied:
-            self.apply()
-        try:
-            yield self
-        finally:
-            if not was_applied:
-                self.remove()
-            for m, v in zip(self.lora_modules(), old):
-                m.multiplier = v
-
     # ------------------------------------------------------------ weights
-    def kohya_state_dict(self) -> Dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.state_dict().items()}
-
     def load_kohya_state_dict(self, sd: Dict[str, torch.Tensor]) -> None:
-        own = self.state_dict()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
-        if missing or unexpected:
-            raise UserError(
-                f"The LoRA file does not match this network: {len(missing)} missing keys"
-                f"{' (e.g. ' + missing[0] + ')' if missing else ''}, {len(unexpected)} unexpected"
-                f"{' (e.g. ' + unexpected[0] + ')' if unexpected else ''}. Use the same network_dim, conv_dim "
-                "and trained parts as the file, or start without network_weights.")
-        bad = [k for k in own if own[k].shape != sd[k].shape]
-        if bad:
-            raise UserError(f"The LoRA file's {bad[0]} has shape {tuple(sd[bad[0]].shape)}, the network "
-                            f"{tuple(own[bad[0]].shape)}: set network_dim/conv_dim to the file's.")
-        self.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
+        self._load_checked(sd, "this network", "network_dim, conv_dim")
         for m in self.lora_modules():
             m.scale = float(m.alpha) / m.lora_dim
 

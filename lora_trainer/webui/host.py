@@ -78,7 +78,7 @@ class WebUIHost(BaseHost):
 
     def prepare(self) -> None:
         from modules import shared
-        clean_foreign_networks(self.sd_model)
+        self._foreign = clean_foreign_networks(self.sd_model)
         self._saved_opts = {"CLIP_stop_at_last_layers": shared.opts.data.get("CLIP_stop_at_last_layers", 1)}
         shared.opts.data["CLIP_stop_at_last_layers"] = self.clip_skip
         super().prepare()
@@ -94,6 +94,9 @@ class WebUIHost(BaseHost):
             for k, v in self._saved_opts.items():
                 shared.opts.data[k] = v
             self._saved_opts = {}
+            foreign, self._foreign = getattr(self, "_foreign", None), None
+            if foreign is not None:
+                foreign.remerge()
             try:
                 from modules import sd_unet
                 sd_unet.apply_unet()
@@ -148,19 +151,40 @@ class WebUIHost(BaseHost):
         return self._vae_fp
 
 
-def clean_foreign_networks(sd_model) -> None:
+class ForeignNetworks:
+    """The LoRAs the WebUI had merged into the weights when training began, to merge back afterwards
+    (bitwise as before: the WebUI's own merge, from its pristine backups, with the same networks)."""
+
+    def __init__(self, networks_module, loaded: list, layers: list):
+        self.networks, self.loaded, self.layers = networks_module, loaded, layers
+
+    def remerge(self) -> None:
+        if self.networks is None or not self.layers:
+            return
+        self.networks.loaded_networks[:] = self.loaded
+        with torch.no_grad():
+            for m in self.layers:
+                self.networks.network_apply_weights(m)
+
+
+def clean_foreign_networks(sd_model) -> ForeignNetworks:
     """Unmerge every LoRA the WebUI merged into the weights (restoring its pristine backups), and turn
     off hypernetworks, custom UNets and circular padding, so training sees the base model."""
     try:
         import networks  # the built-in Lora extension (already imported by the WebUI)
     except ImportError:
         networks = None
+    merged_layers = []
+    loaded = []
     if networks is not None:
+        loaded = list(networks.loaded_networks)
         networks.loaded_networks.clear()
         with torch.no_grad():  # base weights may still require grad here (the WebUI's default)
             for m in list(sd_model.modules()):
                 if getattr(m, "network_weights_backup", None) is not None or \
                         getattr(m, "network_bias_backup", None) is not None:
+                    if getattr(m, "network_current_names", ()):
+                        merged_layers.append(m)
                     networks.network_restore_weights_from_backup(m)
                     m.network_current_names = ()
     from modules import shared
@@ -175,3 +199,4 @@ def clean_foreign_networks(sd_model) -> None:
         sd_hijack.model_hijack.apply_circular(False)
     except Exception:
         pass
+    return ForeignNetworks(networks, loaded, merged_layers)

@@ -24,9 +24,9 @@ def _wait_done(webui, timeout=600):
 
 def test_train_through_the_api_on_the_loaded_model(webui, tmp_path):
     ds = tiny.make_dataset(tmp_path / "dataset")
+    base, _ = webui.txt2img("trigger_a, red circle")   # (also unmerges a LoRA an earlier test left merged)
     status, before = webui.call("/lora-trainer/v1/model-hash")
     assert status == 200
-    base, _ = webui.txt2img("trigger_a, red circle")
     cfg = {"train_data_dir": str(ds), "output_name": "apirun", "resolution": "64", "min_bucket_reso": 64,
            "max_bucket_reso": 128, "network_dim": 8, "network_alpha": 8, "learning_rate": 5e-3,
            "text_encoder_lr": 2e-3, "lr_scheduler": "constant", "max_train_epochs": 2, "train_batch_size": 2,
@@ -57,12 +57,24 @@ def test_train_through_the_api_on_the_loaded_model(webui, tmp_path):
     assert np.array_equal(again, base)
     log_start = len(webui.log())
     with_lora, info = webui.txt2img("trigger_a, red circle <lora:apirun-000002:1>")
+    _, merged = webui.call("/lora-trainer/v1/model-hash")   # the WebUI leaves that LoRA merged in the weights
+    assert merged["sha256"] != before["sha256"]
     assert np.abs(with_lora - base).mean() > 0.5
     log = webui.log()[log_start:]
     assert "didn't match keys" not in log and "Networks with errors" not in log
-    # generating with a LoRA merged it into the weights; the next run unmerges it first, and a
-    # generation request sent meanwhile waits for the run (the lock) instead of touching the model
-    status, r = webui.call("/lora-trainer/v1/train", dict(cfg, output_name="apirun2", max_train_epochs=3,
+    # generating with a LoRA merged it into the weights; the next run unmerges it to train on the base
+    # model, and merges it back afterwards
+    status, r = webui.call("/lora-trainer/v1/train", dict(cfg, output_name="apirun2", max_train_epochs=1,
+                                                          sample_every_n_epochs=None))
+    assert status == 200, r
+    st = _wait_done(webui)
+    assert st["state"] == "done", st.get("error")
+    _, after2 = webui.call("/lora-trainer/v1/model-hash")
+    assert after2["sha256"] == merged["sha256"]       # bitwise as found
+    again2, _ = webui.txt2img("trigger_a, red circle <lora:apirun-000002:1>")
+    assert np.array_equal(again2, with_lora)
+    # a generation request sent while a run trains waits for it (the lock) instead of touching the model
+    status, r = webui.call("/lora-trainer/v1/train", dict(cfg, output_name="apirun3", max_train_epochs=3,
                                                           sample_every_n_epochs=None))
     assert status == 200, r
     import threading
@@ -81,8 +93,6 @@ def test_train_through_the_api_on_the_loaded_model(webui, tmp_path):
     th.join()
     assert st["state"] == "done", st.get("error")
     assert done_at["gen"] >= done_at["train"] - 0.6   # it waited for the lock (status is polled every 0.5 s)
-    _, after2 = webui.call("/lora-trainer/v1/model-hash")
-    assert after2["sha256"] == before["sha256"]       # pristine again (the merged LoRA was restored away)
     # the X/Y/Z preset of the first run
     status, preset = webui.call(f"/lora-trainer/v1/xyz?run_id={run_id}")
     assert status == 200, preset
