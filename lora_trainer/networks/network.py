@@ -60,6 +60,9 @@ class LoRANetwork(NetworkBase):
         return net
 
     # ------------------------------------------------------------ access
+    def lora_modules(self) -> List[LoRAModule]:
+        return [m for m in self.children() if isinstance(m, LoRAModule)]  # creation order
+
     def unet_modules(self) -> List[LoRAModule]:
         return [self._modules[n] for n in self.unet_names]
 
