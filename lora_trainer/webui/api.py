@@ -8,8 +8,6 @@
 
 Behind the WebUI's ``--api-auth`` when it is set (HTTP basic, as the WebUI's own API).
 """
-from __future__ import annotations
-
 import logging
 
 log = logging.getLogger(__name__)
@@ -18,7 +16,7 @@ PREFIX = "/lora-trainer/v1"
 
 def _auth_dependency():
     from fastapi import Depends, HTTPException
-    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+    from fastapi.security import HTTPBasic
     from modules import shared
     import secrets
     creds = getattr(shared.cmd_opts, "api_auth", None)
@@ -27,7 +25,7 @@ def _auth_dependency():
     users = dict(c.split(":", 1) for c in creds.strip('"').replace("\n", "").split(",") if ":" in c)
     basic = HTTPBasic()
 
-    def check(credentials: HTTPBasicCredentials = Depends(basic)):
+    def check(credentials=Depends(basic)):  # an HTTPBasicCredentials
         if credentials.username in users and secrets.compare_digest(credentials.password, users[credentials.username]):
             return True
         raise HTTPException(status_code=401, detail="Incorrect username or password",

@@ -66,10 +66,12 @@ class WebUI:
             if not link.exists():
                 link.symlink_to(ROOT, target_is_directory=True)
 
-    def start(self) -> None:
-        r = subprocess.run(["bash", str(self.harness / "start_webui.sh")], env=self.env, capture_output=True,
-                           text=True, timeout=600)
-        if r.returncode != 0:
+    def start(self, ready_timeout: int = 300, check: bool = True) -> None:
+        """``check=False``: for setups the start script cannot probe (--api-auth); wait yourself."""
+        env = dict(self.env, WEBUI_START_TIMEOUT=str(ready_timeout))
+        r = subprocess.run(["bash", str(self.harness / "start_webui.sh")], env=env, capture_output=True,
+                           text=True, timeout=ready_timeout + 120)
+        if check and r.returncode != 0:
             raise RuntimeError(f"WebUI failed to start:\n{r.stdout}\n{r.stderr}\n{self.log()[-4000:]}")
 
     def stop(self) -> None:

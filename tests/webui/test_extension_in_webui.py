@@ -1,6 +1,7 @@
 """Issue 3 in a real WebUI: the extension installed, training 2 epochs through its API on the loaded
 tiny SD1 model, epochs in the Lora list, the image changes with the tag, the model bitwise unchanged,
 and install.py leaving the WebUI's packages where they were."""
+import json
 import os
 import subprocess
 import sys
@@ -166,3 +167,51 @@ def test_tab_is_registered_and_startup_is_clean(webui):
     ours = [l for l in startup.splitlines() if ("lora_trainer" in l or "lora-trainer" in l) and
             any(w in l for w in ("Error", "error", "Exception", "Warning"))]
     assert not ours, ours
+
+
+@pytest.mark.parametrize("how", ["stop", "interrupt"])
+def test_stop_and_the_webuis_interrupt_keep_finished_epochs(webui, tmp_path, how):
+    ds = tiny.make_dataset(tmp_path / "dataset")
+    name = f"stop{how}"
+    cfg = {"train_data_dir": str(ds), "output_name": name, "resolution": "64", "min_bucket_reso": 64,
+           "max_bucket_reso": 128, "network_dim": 4, "network_alpha": 4, "max_train_epochs": 200,
+           "train_batch_size": 1, "mixed_precision": "no"}
+    status, r = webui.call("/lora-trainer/v1/train", cfg)
+    assert status == 200, r
+    t0 = time.time()
+    while not webui.call("/lora-trainer/v1/status")[1]["files"]:
+        assert time.time() - t0 < 120
+        time.sleep(0.2)
+    if how == "stop":
+        status, r = webui.call("/lora-trainer/v1/stop", {})
+    else:  # the WebUI's own Interrupt (the progress bar's button / API)
+        status, r = webui.call("/sdapi/v1/interrupt", {})
+    assert status == 200
+    st = _wait_done(webui)
+    assert st["state"] == "stopped" and st["epoch"] < 200
+    kept = sorted(p.name for p in (webui.lora_dir / name).glob("*.safetensors"))
+    assert kept and all(n.startswith(f"{name}-0") for n in kept)   # finished epochs, no final file
+    assert [os.path.basename(f) for f in st["files"]] == kept
+
+
+def test_api_auth_guards_the_routes(tmp_path_factory):
+    from .harness import WebUI
+    w = WebUI(tmp_path_factory.mktemp("webui-auth"), extra_args="--api-auth tester:secret")
+    w.prepare()
+    w.start(ready_timeout=20, check=False)   # the start script's probe has no credentials
+    try:
+        t0 = time.time()
+        while "Startup time" not in w.log():
+            assert time.time() - t0 < 300, w.log()[-3000:]
+            time.sleep(1)
+        assert "Error executing callback" not in w.log(), w.log()[-3000:]
+        status, _ = w.call("/lora-trainer/v1/status")
+        assert status == 401
+        import base64
+        import urllib.request
+        req = urllib.request.Request(w.url + "/lora-trainer/v1/status", headers={
+            "Authorization": "Basic " + base64.b64encode(b"tester:secret").decode()})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200 and json.loads(r.read())["state"] == "idle"
+    finally:
+        w.stop()
