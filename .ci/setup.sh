@@ -13,7 +13,7 @@ PIP="$VENV/bin/python -m pip install --disable-pip-version-check -q"
 $PIP -c .ci/constraints.txt torch torchvision
 # sdkit ships Stability's ldm package; its own pins are ancient and conflict: install it alone.
 $PIP --no-deps stable-diffusion-sdkit==2.1.5
-$PIP -c .ci/constraints.txt -r .ci/requirements-test.txt 2>&1 | grep -v "dependency resolver\|stable-diffusion-sdkit requires" || true
+$PIP -c .ci/constraints.txt -r .ci/requirements-test.txt 2>&1 | grep -v "dependency resolver\|^stable-diffusion-sdkit " || true
 "$VENV/bin/python" -c "import torch, torchvision, ldm.models.diffusion.ddpm, open_clip, transformers, safetensors" 2>/dev/null \
   || { "$VENV/bin/python" -c "import ldm.models.diffusion.ddpm"; exit 1; }
 touch "$STAMP"
