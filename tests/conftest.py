@@ -59,3 +59,13 @@ def state_hash(host) -> str:
     """SHA-256 over every UNet/TE/VAE tensor's bytes, plus requires_grad flags."""
     from lora_trainer.host import model_state_hash
     return model_state_hash(host.modules())
+
+
+def forward_probe(host, seed=0):
+    """(conditioning, UNet prediction) for fixed latents, timesteps and captions: compares model states."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn((2, 4, 8, 8), generator=g)
+    t = torch.tensor([100, 700])
+    with torch.no_grad():
+        cond = host.encode_tokens(host.tokenize(["trigger_a, red circle", "a blue square"], 75), 1)
+        return cond, host.denoise(z, t, cond)

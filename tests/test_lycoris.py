@@ -46,13 +46,7 @@ def _args(items):
     return {k: parse_value(v) for k, v in (a.split("=", 1) for a in items)}
 
 
-def _forward(host, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn((2, 4, 8, 8), generator=g)
-    t = torch.tensor([100, 700])
-    with torch.no_grad():
-        cond = host.encode_tokens(host.tokenize(["trigger_a, red circle", "a blue square"], 75), 1)
-        return cond, host.denoise(z, t, cond)
+from conftest import forward_probe as _forward  # noqa: E402
 
 
 def _randomise(net, seed=1, std=0.1):

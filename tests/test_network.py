@@ -18,13 +18,7 @@ def _randomise(net, seed=0, std=0.05):
             m.lora_down.weight.copy_(torch.randn(m.lora_down.weight.shape, generator=g) * std * 4)
 
 
-def _forward(host, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn((2, 4, 8, 8), generator=g)
-    t = torch.tensor([100, 700])
-    with torch.no_grad():
-        cond = host.encode_tokens(host.tokenize(["trigger_a, red circle", "a blue square"], 75), 1)
-        return cond, host.denoise(z, t, cond)
+from conftest import forward_probe as _forward  # noqa: E402
 
 
 def test_real_sd1_names_map_like_kohya():
