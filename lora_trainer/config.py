@@ -16,10 +16,7 @@ from .errors import ConfigError, UserError
 
 CONFIG_VERSION = 1
 
-try:  # Python >= 3.11
-    import tomllib as _toml
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10 (the WebUI's floor)
-    import tomli as _toml  # type: ignore[no-redef]
+from .io.toml_text import TOMLDecodeError, dumps_toml, loads_toml, parse_toml_value
 
 
 def _f(default, help: str, section: str, **kw):
@@ -286,8 +283,8 @@ class TrainConfig:
     @classmethod
     def from_toml(cls, text: str) -> "TrainConfig":
         try:
-            data = _toml.loads(text)
-        except _toml.TOMLDecodeError as e:
+            data = loads_toml(text)
+        except TOMLDecodeError as e:
             raise UserError(f"The config is not valid TOML: {e}") from None
         return cls.from_dict(data)
 
@@ -424,55 +421,3 @@ def parse_kv_args(items: List[str], what: str) -> Dict[str, Any]:
     return out
 
 
-def parse_toml_value(text: str) -> Any:
-    try:
-        return _toml.loads(f"v = {text}")["v"]
-    except _toml.TOMLDecodeError:
-        return text
-
-
-# ---------------------------------------------------------------- a small TOML writer
-def _toml_scalar(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        r = repr(v)
-        return r if any(c in r for c in ".en") else r + ".0"
-    if isinstance(v, str):
-        out = ['"']
-        for ch in v:
-            if ch == '"':
-                out.append('\\"')
-            elif ch == "\\":
-                out.append("\\\\")
-            elif ch == "\n":
-                out.append("\\n")
-            elif ch == "\t":
-                out.append("\\t")
-            elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-                out.append(f"\\u{ord(ch):04x}")
-            else:
-                out.append(ch)
-        out.append('"')
-        return "".join(out)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_scalar(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_scalar(x)}" for k, x in v.items()) + " }"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def _toml_key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_scalar(k)
-
-
-def dumps_toml(d: Dict[str, Any]) -> str:
-    """Flat TOML (None values are omitted: TOML has no null, and omitted means default)."""
-    lines = [f"{_toml_key(k)} = {_toml_scalar(v)}" for k, v in d.items() if v is not None]
-    return "\n".join(lines) + "\n"
