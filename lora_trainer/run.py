@@ -175,13 +175,13 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
     for w in setting_warnings(cfg):
         log.warning(w)
         result.warnings.append(w)
+    precision = Precision(cfg.mixed_precision, host.device)  # refuses what this device/torch can't do
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = parse_prompts(cfg.sample_prompts, cfg.resolution_wh()) if cfg.sample_every_n_epochs else []
 
     torch.manual_seed(cfg.seed)
     started = time.time()
-    precision = Precision(cfg.mixed_precision, host.device)
     tb = TBLogger(cfg.logging_dir, cfg.log_prefix)
     network = None
     with host.exclusive():

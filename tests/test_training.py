@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from lora_trainer.errors import ConfigError, DatasetError, TrainingDiverged
+from lora_trainer.errors import ConfigError, DatasetError, TrainingDiverged, UserError
 from lora_trainer.io.lora_file import load_lora
 from lora_trainer.run import build_data, train
 from lora_trainer.train.progress import Callbacks, Commands
@@ -40,7 +40,12 @@ def test_training_lowers_fixed_seed_validation_loss(kind, sd1_host, sd2v_host, t
 def test_mixed_precision_paths_train_and_save(precision, sd1_host, tiny_cfg):
     cfg = tiny_cfg.replace(mixed_precision=precision, save_precision=precision, max_train_epochs=1)
     h = state_hash(sd1_host)
-    result = train(cfg, sd1_host)
+    try:
+        result = train(cfg, sd1_host)
+    except UserError as e:  # torch < 2.2 has no fp16 autocast on the CPU: refused before any work
+        assert f"mixed_precision = {precision} is not supported on cpu" in str(e)
+        assert state_hash(sd1_host) == h
+        pytest.skip(str(e))
     sd, meta = load_lora(result.final_file)
     want = torch.float16 if precision == "fp16" else torch.bfloat16
     assert all(v.dtype == want for k, v in sd.items() if "lora_" in k)

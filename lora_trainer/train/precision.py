@@ -17,12 +17,29 @@ class Precision:
         self.dtype = DTYPES[mode]
         if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("mixed_precision = bf16 is not supported by this GPU: use fp16 (cards before RTX 30xx).")
+        if self.dtype is not None:
+            self._check_autocast()
         self.scaler = None
         if mode == "fp16":
             try:
                 self.scaler = torch.amp.GradScaler(device.type)
             except (AttributeError, TypeError, RuntimeError):  # torch < 2.3: CUDA only
                 self.scaler = torch.cuda.amp.GradScaler(enabled=device.type == "cuda")
+
+    def _check_autocast(self) -> None:
+        """Refuse a precision this torch cannot autocast to on this device (torch < 2.2: no fp16 on CPU)."""
+        import warnings
+        fix = (f"mixed_precision = {self.mode} is not supported on {self.device.type} by torch {torch.__version__}: "
+               "use bf16 (or no) here.")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with torch.autocast(device_type=self.device.type, dtype=self.dtype):
+                    pass
+            except RuntimeError:
+                raise UserError(fix) from None
+        if any("not supported" in str(w.message) for w in caught):
+            raise UserError(fix)
 
     def autocast(self):
         if self.dtype is None:
