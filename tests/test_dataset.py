@@ -193,3 +193,13 @@ def test_disk_latent_cache_is_keyed_and_rebuilt(sd1_host, tiny_cfg):
     calls.clear()
     data5.cache_latents(encode, "another-vae", to_disk=True)
     assert sum(calls) == n and data5.latents[0].shape[-1] == 16
+
+
+def test_truncate_tags_keeps_whole_leading_tags():
+    from lora_trainer.dataset.captions import truncate_tags
+    words = lambda t: len(t.split())  # one token per word, for the test
+    cap = "trigger, red circle, simple white background, large"
+    assert truncate_tags(cap, words, 75) == cap
+    assert truncate_tags(cap, words, 4) == "trigger, red circle"          # 1 + (1+2) = 4
+    assert truncate_tags(cap, words, 3) == "trigger"
+    assert truncate_tags(cap, words, 0) == ""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass
@@ -24,3 +25,17 @@ class CaptionRules:
         if self.shuffle_caption:
             rng.shuffle(rest)
         return ", ".join(kept + rest)
+
+
+def truncate_tags(caption: str, count_tokens: Callable[[str], int], limit: int) -> str:
+    """Keep whole leading tags while their tokens (with ", " between them) fit in ``limit``: how
+    ``max_token_length`` caps a caption on hosts that chunk text themselves (the WebUI)."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    kept, used = [], 0
+    for i, tag in enumerate(tags):
+        n = count_tokens(tag) + (1 if i else 0)  # "," is one token
+        if used + n > limit:
+            break
+        kept.append(tag)
+        used += n
+    return ", ".join(kept)

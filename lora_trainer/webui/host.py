@@ -124,7 +124,16 @@ class WebUIHost(BaseHost):
 
     # -------------------------------------------------------------- text (the WebUI's conditioning path)
     def tokenize(self, captions: Sequence[str], max_token_length: int = 75) -> List[str]:
-        return list(captions)
+        """Captions stay text (the WebUI's path chunks them); whole trailing tags past
+        ``max_token_length`` tokens are dropped, as sd-scripts truncates."""
+        from ..dataset.captions import truncate_tags
+        return [truncate_tags(c, self._count_tokens, max_token_length) for c in captions]
+
+    def _count_tokens(self, text: str) -> int:
+        cache = self.__dict__.setdefault("_token_counts", {})
+        if text not in cache:
+            cache[text] = len(self.cond.tokenize([text])[0])
+        return cache[text]
 
     def encode_tokens(self, captions: List[str], clip_skip: int = 1) -> torch.Tensor:
         return self.cond(captions)
