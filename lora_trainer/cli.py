@@ -43,7 +43,6 @@ def _print_progress(p) -> None:
 
 def cmd_train(args) -> int:
     from .ldm_host import load_checkpoint
-    from .train.progress import Callbacks
     cfg = TrainConfig.load(args.config).with_overrides(args.set or [])
     _report_unknown(cfg)
     cfg.validate()
@@ -52,23 +51,33 @@ def cmd_train(args) -> int:
                         "the config or with --set pretrained_model_name_or_path=PATH.")
     host = load_checkpoint(cfg.pretrained_model_name_or_path, cfg.model_config, device=args.device, vae=cfg.vae,
                            v_parameterization=cfg.v_parameterization)
-    return _train_and_report(cfg, host, Callbacks(_print_progress if args.verbose else None))
+    return _train_and_report(cfg, host, args.verbose)
 
 
-def _train_and_report(cfg: TrainConfig, host, callbacks, validation=None) -> int:
-    from .run import train
-    result = train(cfg, host, callbacks=callbacks,
+def _train_and_report(cfg: TrainConfig, host, verbose: bool, validation=None) -> int:
+    """Train, printing the dataset summary first, then each epoch's mean loss and each file as it lands."""
+    from .run import build_data, train
+    from .train.progress import Callbacks
+    for line in build_data(cfg).scan.summary_lines():
+        print(f"dataset: {line}", flush=True)
+    shown = [0]
+
+    def on_progress(p) -> None:
+        if verbose:
+            _print_progress(p)
+        for e, loss in p.epoch_losses[shown[0]:]:
+            print(f"epoch {e}: mean loss {loss:.5f}", flush=True)
+        shown[0] = len(p.epoch_losses)
+
+    result = train(cfg, host, callbacks=Callbacks(on_progress),
+                   on_saved=lambda path, meta: print(f"saved {path}", flush=True),
                    before_restore=validation.after if validation else None)
-    for line in result.dataset_summary:
-        print(f"dataset: {line}")
-    for e, loss in result.epoch_losses:
-        print(f"epoch {e}: mean loss {loss:.5f}")
-    for f in result.files:
-        print(f"saved {f}")
     for s in result.samples:
         print(f"sample {s}")
+    for w in result.warnings:
+        print(f"warning: {w}")
     if result.stopped:
-        print("stopped before the end; the epochs listed above are saved")
+        print("stopped before the end; the epochs saved above are kept")
     return 0
 
 
@@ -116,7 +125,6 @@ def demo_config(out: Path) -> TrainConfig:
 def cmd_demo(args) -> int:
     from . import tiny
     from .ldm_host import load_checkpoint
-    from .train.progress import Callbacks
     t0 = time.time()
     out = Path(args.out).resolve()
     print(f"building a tiny random SD1 model and a synthetic dataset in {out}", flush=True)
@@ -134,7 +142,7 @@ def cmd_demo(args) -> int:
     validation = _Validation(host, cfg)
     print(f"training {cfg.max_train_epochs} epochs on {args.device} (rerun: python -m lora_trainer train "
           f"--config {out / 'config.toml'})", flush=True)
-    rc = _train_and_report(cfg, host, Callbacks(_print_progress if args.verbose else None), validation)
+    rc = _train_and_report(cfg, host, args.verbose, validation)
     print(f"validation loss: {validation.before:.5f} -> {validation.after_value:.5f}")
     print(f"done in {time.time() - t0:.1f}s")
     return rc
