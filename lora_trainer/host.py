@@ -77,15 +77,21 @@ class BaseHost:
     def prepare(self) -> None:
         if self._saved_state is not None:
             return
-        params, modes = [], []
+        params, modes, flags = [], [], []
         for root in self.modules():
             for p in root.parameters():
                 params.append((p, p.requires_grad))
                 p.requires_grad_(False)
             for m in root.modules():
                 modes.append((m, m.training))
+                # ldm's own checkpointing (use_checkpoint / checkpoint flags) differentiates only the
+                # block's own parameters: LoRA weights inside would get no gradient. Ours replaces it.
+                for attr in ("use_checkpoint", "checkpoint"):
+                    if getattr(m, attr, None) is True:
+                        flags.append((m, attr))
+                        setattr(m, attr, False)
             root.eval()
-        self._saved_state = {"params": params, "modes": modes}
+        self._saved_state = {"params": params, "modes": modes, "flags": flags}
 
     def restore(self) -> None:
         state, self._saved_state = self._saved_state, None
@@ -95,6 +101,8 @@ class BaseHost:
             p.requires_grad_(rg)
         for m, training in state["modes"]:
             m.training = training
+        for m, attr in state["flags"]:
+            setattr(m, attr, True)
 
     # -------------------------------------------------------------- optional features
     def checkpoint_blocks(self) -> List[nn.Module]:

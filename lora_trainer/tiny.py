@@ -97,15 +97,18 @@ def model_config(kind: str = "sd1", tokenizer_dir: Optional[Path] = None) -> Dic
                       "params": params}}
 
 
-def build_model(kind: str = "sd1", work_dir: Optional[Path] = None, seed: int = 0):
-    """A tiny random LatentDiffusion (seeded, so every build is identical)."""
+def build_model(kind: str = "sd1", work_dir: Optional[Path] = None, seed: int = 0, use_checkpoint: bool = False):
+    """A tiny random LatentDiffusion (seeded, so every build is identical). ``use_checkpoint`` sets
+    ldm's own gradient-checkpointing flags, as real SD yamls do."""
     from .ldm_host import instantiate
     work_dir = Path(work_dir or os.path.join(os.path.expanduser("~"), ".cache", "lora_trainer", "tiny"))
     tok = write_clip_tokenizer_dir(work_dir / "clip-tokenizer") if kind == "sd1" else None
     if kind != "sd1":
         register_tiny_openclip(work_dir)
     torch.manual_seed(seed)
-    model = instantiate(model_config(kind, tok))
+    config = model_config(kind, tok)
+    config["model"]["params"]["unet_config"]["params"]["use_checkpoint"] = use_checkpoint
+    model = instantiate(config)
     # random but not degenerate: ldm zero-initialises the UNet's output convs, which would make
     # the base model predict 0 everywhere; give them small random values so LoRAs change images
     g = torch.Generator().manual_seed(seed + 1)

@@ -184,3 +184,17 @@ def test_tensorboard_logs(sd1_host, tiny_cfg, tmp_path):
     tags = ea.Tags()["scalars"]
     assert "loss/current" in tags and "loss/epoch" in tags and "lr/unet" in tags and "lr/textencoder" in tags
     assert len(ea.Scalars("loss/current")) == r.steps_done
+
+
+def test_models_built_with_ldm_checkpointing_still_train_every_lora(tmp_path, tiny_cfg):
+    """Real SD yamls say use_checkpoint: True; ldm's checkpoint would drop the LoRA weights' gradients."""
+    from lora_trainer import tiny
+    from lora_trainer.ldm_host import LDMHost
+    host = LDMHost(tiny.build_model("sd1", tmp_path, use_checkpoint=True))
+    flags = [m for m in host.unet.modules() if getattr(m, "checkpoint", None) is True]
+    assert flags  # BasicTransformerBlocks carry ldm's checkpoint flag
+    r = train(tiny_cfg.replace(max_train_epochs=1, network_train_unet_only=True), host)
+    sd = load_lora(r.final_file)[0]
+    attn = [k for k in sd if "attentions" in k and k.endswith("lora_up.weight")]
+    assert attn and all(sd[k].abs().max() > 0 for k in attn)   # every transformer-block LoRA trained
+    assert all(m.checkpoint is True for m in flags)              # and the model's flags are back
