@@ -172,18 +172,27 @@ def load_checkpoint(path: str, config: str = "", *, device: str = "cpu", vae: st
     ckpt = Path(path)
     if not ckpt.is_file():
         raise UserError(f"pretrained_model_name_or_path {path!r} does not exist: point it at a .safetensors or .ckpt file.")
-    yaml = Path(config) if config else ckpt.with_suffix(".yaml")
-    if not yaml.is_file():
-        raise UserError(f"No model config for {ckpt.name}: put {ckpt.stem}.yaml beside it (the WebUI's v1-inference.yaml "
-                        "for SD1, v2-inference-v.yaml for SD2-v) or set model_config.")
-    from omegaconf import OmegaConf
-    cfg = OmegaConf.to_container(OmegaConf.load(yaml), resolve=True)
-    for j in yaml.parent.glob("*.openclip.json"):  # tiny OpenCLIP architectures made by lora_trainer.tiny
-        import open_clip
-        named = j.with_name(j.name[: -len(".openclip.json")] + ".json")
-        if named.is_file():
-            open_clip.add_model_config(str(named))
+    from .ldm_configs import KNOWN, known_config
+    if config in KNOWN:
+        cfg = known_config(config)
+    else:
+        yaml = Path(config) if config else ckpt.with_suffix(".yaml")
+        if not yaml.is_file():
+            raise UserError(f"No model config for {ckpt.name}: set model_config to sd1, sd2 or sd2-v (v-prediction), "
+                            f"or to an LDM yaml, or put {ckpt.stem}.yaml beside the checkpoint.")
+        from omegaconf import OmegaConf
+        cfg = OmegaConf.to_container(OmegaConf.load(yaml), resolve=True)
+        for j in yaml.parent.glob("*.openclip.json"):  # tiny OpenCLIP architectures made by lora_trainer.tiny
+            import open_clip
+            named = j.with_name(j.name[: -len(".openclip.json")] + ".json")
+            if named.is_file():
+                open_clip.add_model_config(str(named))
     params = cfg["model"]["params"]
+    unet_params = params.get("unet_config", {}).get("params", {})
+    unet_params["use_fp16"] = False         # the trainer's autocast decides precision
+    cond_params = params.get("cond_stage_config", {}).setdefault("params", {})
+    if params.get("cond_stage_config", {}).get("target", "").endswith("FrozenOpenCLIPEmbedder"):
+        cond_params["version"] = None       # no pretrained download: the checkpoint brings the weights
     if v_parameterization:
         params["parameterization"] = "v"
     params.setdefault("cond_stage_config", {}).setdefault("params", {})["device"] = device

@@ -43,3 +43,14 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path):
     cfg.write_text('train_data_dir = "/nope"\noutput_dir = "out"\npretrained_model_name_or_path = "/x.safetensors"\n')
     r = _run(["train", "--config", str(cfg)], tmp_path)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_known_architectures_match_the_webui_yamls():
+    from lora_trainer.ldm_configs import known_config
+    sd1, sd2v = known_config("sd1")["model"]["params"], known_config("sd2-v")["model"]["params"]
+    assert sd1["unet_config"]["params"]["context_dim"] == 768 and "parameterization" not in sd1
+    assert sd1["cond_stage_config"]["target"].endswith("FrozenCLIPEmbedder")
+    assert sd2v["parameterization"] == "v" and sd2v["unet_config"]["params"]["context_dim"] == 1024
+    assert sd2v["unet_config"]["params"]["use_linear_in_transformer"] is True
+    assert all(c["model"]["params"]["unet_config"]["params"]["use_checkpoint"] is False
+               for c in (known_config(k) for k in ("sd1", "sd2", "sd2-v")))
