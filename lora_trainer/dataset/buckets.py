@@ -37,10 +37,6 @@ def choose_bucket(size: Size, buckets: List[Size], no_upscale: bool = False) -> 
     return min(cands, key=lambda b: (round(abs(math.log(b[0] / b[1]) - ar), 6), -b[0] * b[1]))
 
 
-def fixed_bucket(resolution: Size) -> Size:
-    return resolution
-
-
 def load_resized(path, bucket: Size):
     """The image as a (3,H,W) float tensor in [-1,1], scaled to cover ``bucket`` and centre-cropped."""
     import numpy as np

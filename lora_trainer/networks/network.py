@@ -106,16 +106,3 @@ class LoRANetwork(NetworkBase):
             norms.append(desired)
         n = torch.stack(norms)
         return torch.stack(scaled).sum(), n.mean(), n.max()
-
-
-def merged_weights(network: LoRANetwork) -> Dict[nn.Module, torch.Tensor]:
-    """Every adapted weight tensor -> ΔW (OpenCLIP q/k/v deltas stacked into ``in_proj_weight``)."""
-    out: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-    for p in network._patches:
-        if isinstance(p, MHAPatch):
-            out[id(p.mha.in_proj_weight)] = (p.mha.in_proj_weight, torch.cat([m.delta_weight() for m in p.parts]))
-            out[id(p.mha.out_proj.weight)] = (p.mha.out_proj.weight, p.out.delta_weight())
-        else:
-            w = p.org_module.weight
-            out[id(w)] = (w, p.delta_weight().reshape(w.shape))
-    return {k: v for k, v in out.items()}
