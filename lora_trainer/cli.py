@@ -50,7 +50,7 @@ def cmd_train(args) -> int:
         raise UserError("pretrained_model_name_or_path is empty: the CLI trains on a checkpoint file; set it in "
                         "the config or with --set pretrained_model_name_or_path=PATH.")
     host = load_checkpoint(cfg.pretrained_model_name_or_path, cfg.model_config, device=args.device, vae=cfg.vae,
-                           v_parameterization=cfg.v_parameterization)
+                           v_parameterization=cfg.v_parameterization, zero_terminal_snr=cfg.zero_terminal_snr)
     return _train_and_report(cfg, host, args.verbose)
 
 

@@ -33,10 +33,11 @@ class TrainConfig:
     caption_extension: str = _f(".txt", "Caption file extension next to each image.", "captions")
     # --- model (standalone CLI only; the WebUI trains the loaded model) ----------------------
     pretrained_model_name_or_path: str = _f("", "Checkpoint file (.safetensors/.ckpt) for the CLI.", "model")
-    model_config: str = _f("", "LDM yaml for the checkpoint, or a known architecture: sd1, sd2, sd2-v.", "model")
+    model_config: str = _f("", "The checkpoint's yaml (LDM or SDXL's sgm), or a known architecture: sd1, sd2, sd2-v, sdxl. SDXL checkpoints are recognised by their keys.", "model")
     v2: bool = _f(False, "SD 2.x base model (CLI only; the WebUI detects it).", "model")
     v_parameterization: bool = _f(False, "v-prediction model (CLI only; the WebUI detects it).", "model")
     vae: str = _f("", "Optional external VAE file (CLI only).", "model")
+    zero_terminal_snr: bool = _f(False, "Zero terminal SNR noise schedule (NoobAI-style v-prediction SDXL; CLI only: the WebUI uses its Noise schedule setting).", "model")
     # --- output --------------------------------------------------------------------------
     output_dir: str = _f("", "Where epoch files go (the WebUI uses models/Lora/<output_name>).", "saving")
     output_name: str = _f("lora", "File name stem: <name>-000001.safetensors ... and <name>.safetensors.", "saving")
@@ -98,6 +99,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Less memory, slower.", "precision")
     cache_latents: bool = _f(True, "Encode every image once before training (saves time and memory).", "precision")
     cache_latents_to_disk: bool = _f(False, "Keep the latent cache next to the images between runs.", "precision")
+    cache_text_encoder_outputs: bool = _f(False, "Encode each caption once with the frozen text encoders and move them off the GPU (UNet-only training; SDXL saves several GB). With shuffled or dropped tags each variant is encoded once.", "precision")
     max_data_loader_n_workers: int = _f(0, "Accepted for compatibility; images are prepared in-process.", "precision")
     persistent_data_loader_workers: bool = _f(False, "Accepted for compatibility.", "precision")
     xformers: bool = _f(False, "Accepted for compatibility; the host's attention (SDPA) is used.", "precision")
@@ -224,6 +226,9 @@ class TrainConfig:
         if opt.endswith("schedulefree") and (self.lr_scheduler_type or sched not in ("constant", "constant_with_warmup")):
             p.append(f"optimizer_type = {self.optimizer_type} is schedule-free: set lr_scheduler = constant and no "
                      "lr_scheduler_type (lr_warmup_steps becomes the optimizer's own warm-up).")
+        if self.cache_text_encoder_outputs and self.train_text_encoder():
+            p.append("cache_text_encoder_outputs = true needs frozen text encoders: set network_train_unet_only = true "
+                     "(or turn the cache off to train the text encoders).")
         try:
             na = self.network_args_dict()
             if "conv_dim" in na and int(na["conv_dim"]) < 1:

@@ -93,7 +93,26 @@ class BaseHost:
             root.eval()
         self._saved_state = {"params": params, "modes": modes, "flags": flags}
 
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders off the GPU while only their cached outputs are used."""
+        if self.device.type == "cpu" or getattr(self, "_te_offloaded", None):
+            return
+        self._te_offloaded = [(te, next(te.parameters()).device) for _, te in self.text_encoders]
+        for te, _ in self._te_offloaded:
+            te.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def reload_text_encoders(self) -> None:
+        moved, self._te_offloaded = getattr(self, "_te_offloaded", None), None
+        for te, dev in moved or []:
+            te.to(dev)
+
+    def text_encoders_offloaded(self) -> bool:
+        return bool(getattr(self, "_te_offloaded", None))
+
     def restore(self) -> None:
+        self.reload_text_encoders()
         state, self._saved_state = self._saved_state, None
         if state is None:
             return

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .errors import UserError
 from .host import BaseHost, fingerprint_module
+from .text_tokens import chunked_ids, hf_clip_tokenizer_ids, openclip_ids, openclip_special
 
 log = logging.getLogger(__name__)
 
@@ -107,33 +108,13 @@ class LDMHost(BaseHost):
         return self.vae.decode(z).float().clamp(-1, 1)
 
     # -------------------------------------------------------------- text
-    def _ids(self, caption: str) -> List[int]:
-        if self.te_kind == "hfclip":
-            return self.cond.tokenizer(caption, add_special_tokens=False, truncation=False)["input_ids"]
-        from open_clip.tokenizer import _tokenizer
-        return _tokenizer.encode(caption)
-
-    def _special(self):
-        if self.te_kind == "hfclip":
-            tok = self.cond.tokenizer
-            return tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-        from open_clip.tokenizer import _tokenizer
-        return _tokenizer.encoder["<start_of_text>"], _tokenizer.encoder["<end_of_text>"], 0
-
     def tokenize(self, captions: Sequence[str], max_token_length: int = 75) -> torch.Tensor:
         """(B, chunks, 77) token ids; chunks = max_token_length / 75, longer captions are cut."""
-        n = max(1, max_token_length // 75)
-        bos, eos, pad = self._special()
-        out = torch.full((len(captions), n, 77), pad, dtype=torch.long)
-        for i, c in enumerate(captions):
-            ids = self._ids(c)[: 75 * n]
-            for j in range(n):
-                chunk = ids[75 * j: 75 * (j + 1)]
-                row = [bos] + chunk + [eos]
-                out[i, j, : len(row)] = torch.tensor(row)
-                if self.te_kind == "hfclip" and pad != eos:
-                    out[i, j, len(row):] = eos
-        return out
+        if self.te_kind == "hfclip":
+            tok = self.cond.tokenizer
+            return chunked_ids(captions, hf_clip_tokenizer_ids(tok), tok.bos_token_id, tok.eos_token_id,
+                               tok.eos_token_id, max_token_length)
+        return chunked_ids(captions, openclip_ids, *openclip_special(), max_token_length)
 
     def encode_tokens(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         b, n, length = tokens.shape
@@ -165,13 +146,25 @@ class LDMHost(BaseHost):
 
 # ------------------------------------------------------------------ loading checkpoints
 def load_checkpoint(path: str, config: str = "", *, device: str = "cpu", vae: str = "",
-                    v2: bool = False, v_parameterization: bool = False) -> LDMHost:
-    """A host over a checkpoint file + LDM yaml (``config``). Without a yaml, the one beside the
-    checkpoint (same stem) is used."""
+                    v2: bool = False, v_parameterization: bool = False, zero_terminal_snr: bool = False):
+    """A host over a checkpoint file + its yaml (``config``). Without a yaml, the one beside the
+    checkpoint (same stem) is used. SDXL checkpoints (found by their keys, or ``config = "sdxl"``) get
+    the SDXL host; SD1/SD2 the LDM host."""
     from .io.hashes import sha256_file
     ckpt = Path(path)
     if not ckpt.is_file():
         raise UserError(f"pretrained_model_name_or_path {path!r} does not exist: point it at a .safetensors or .ckpt file.")
+    from .sdxl_host import is_sdxl_checkpoint, load_sdxl
+    keys = checkpoint_keys(ckpt)
+    if config == "sdxl" or is_sdxl_checkpoint(keys):
+        yaml = Path(config) if config not in ("", "sdxl") else ckpt.with_suffix(".yaml")
+        ycfg = None
+        if config != "sdxl" and yaml.is_file():
+            from omegaconf import OmegaConf
+            ycfg = OmegaConf.to_container(OmegaConf.load(yaml), resolve=True)
+            _register_openclip_configs(yaml.parent)
+        return load_sdxl(ckpt, load_state_dict(ckpt), ycfg, device=device, vae=vae,
+                         v_parameterization=v_parameterization, zero_terminal_snr=zero_terminal_snr)
     from .ldm_configs import KNOWN, known_config
     if config in KNOWN:
         cfg = known_config(config)
@@ -182,11 +175,7 @@ def load_checkpoint(path: str, config: str = "", *, device: str = "cpu", vae: st
                             f"or to an LDM yaml, or put {ckpt.stem}.yaml beside the checkpoint.")
         from omegaconf import OmegaConf
         cfg = OmegaConf.to_container(OmegaConf.load(yaml), resolve=True)
-        for j in yaml.parent.glob("*.openclip.json"):  # tiny OpenCLIP architectures made by lora_trainer.tiny
-            import open_clip
-            named = j.with_name(j.name[: -len(".openclip.json")] + ".json")
-            if named.is_file():
-                open_clip.add_model_config(str(named))
+        _register_openclip_configs(yaml.parent)
     params = cfg["model"]["params"]
     unet_params = params.get("unet_config", {}).get("params", {})
     unet_params["use_fp16"] = False         # the trainer's autocast decides precision
@@ -209,8 +198,33 @@ def load_checkpoint(path: str, config: str = "", *, device: str = "cpu", vae: st
         vsd = {k[len("first_stage_model."):] if k.startswith("first_stage_model.") else k: v for k, v in vsd.items()}
         model.first_stage_model.load_state_dict(vsd, strict=False)
     model.to(device)
-    return LDMHost(model, name=ckpt.name, model_hash=sha256_file(ckpt)[:10], device=device,
+    host = LDMHost(model, name=ckpt.name, model_hash=sha256_file(ckpt)[:10], device=device,
                    vae_name=Path(vae).name if vae else "")
+    if zero_terminal_snr:
+        from .train.noise import rescale_zero_terminal_snr
+        host.alphas_cumprod = rescale_zero_terminal_snr(host.alphas_cumprod)
+        host.zero_terminal_snr = True
+    return host
+
+
+def _register_openclip_configs(folder: Path) -> None:
+    """Tiny OpenCLIP architectures made by lora_trainer.tiny (``*.openclip.json`` beside a yaml)."""
+    for j in folder.glob("*.openclip.json"):
+        import open_clip
+        named = j.with_name(j.name[: -len(".openclip.json")] + ".json")
+        if named.is_file():
+            open_clip.add_model_config(str(named))
+
+
+def checkpoint_keys(path: Path):
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as e:
+            raise UserError(f"{path.name} is not a readable safetensors file ({e}): re-download or re-save it.") from None
+    return list(load_state_dict(path).keys())
 
 
 def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ from .train.checkpointing import gradient_checkpointing
 from .train.loop import EpochHooks, StepSettings, run_epochs
 from .train.precision import Precision
 from .train.progress import Callbacks, Commands, Progress
+from .train.text_cache import TextEncoderCache
 from .train.tb_log import TBLogger
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,15 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
                 data.cache_latents(host.encode_images, host.vae_fingerprint() if cfg.cache_latents_to_disk else "",
                                    cfg.cache_latents_to_disk)
                 data.move_latents(host.device)
+            text_cache = None
+            if cfg.cache_text_encoder_outputs:
+                progress.phase = "caching"
+                callbacks.progress(progress)
+                text_cache = TextEncoderCache(host, max_token_length=cfg.max_token_length, clip_skip=cfg.clip_skip,
+                                              autocast=precision.autocast)
+                if not data.caption_rules.varies:   # every caption known now: encode all, free the GPU
+                    text_cache.precompute(it.caption for it in data.items)
+                    host.offload_text_encoders()
             network = create_network(cfg, host).to(host.device)
             if cfg.network_weights:
                 sd, _ = load_lora(Path(cfg.network_weights))
@@ -211,7 +221,7 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
                 network_args=cfg.network_args_dict(),
                 optimizer_desc=f"{type(optimizer).__module__}.{type(optimizer).__name__}"
                                + (f"({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else ""),
-                started_at=started)
+                started_at=started, zero_terminal_snr=bool(getattr(host, "zero_terminal_snr", False)))
             settings = StepSettings(
                 clip_skip=cfg.clip_skip, max_token_length=cfg.max_token_length, noise_offset=cfg.noise_offset,
                 multires_noise_iterations=cfg.multires_noise_iterations,
@@ -239,7 +249,7 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
                                    precision=precision, s=settings, epochs=pl.epochs, total_steps=pl.total_steps,
                                    progress=progress, callbacks=callbacks, commands=commands,
                                    hooks=EpochHooks(on_epoch_end), tb=tb, seed=cfg.seed,
-                                   encode_images=host.encode_images)
+                                   encode_images=host.encode_images, text_cache=text_cache)
             result.steps_done = state.step
             result.stopped = progress.stopped
             result.epochs_done = len(progress.epoch_losses)
@@ -314,7 +324,10 @@ def _samples(cfg, host, network, prompts, epoch, out_dir: Path, result: RunResul
     if not getattr(host, "supports_sampling", False):
         return
     progress.phase = "sampling"
+    offloaded = host.text_encoders_offloaded() if hasattr(host, "text_encoders_offloaded") else False
     try:
+        if offloaded:
+            host.reload_text_encoders()
         network.eval()
         images = host.sample(prompts, max_token_length=cfg.max_token_length, clip_skip=cfg.clip_skip,
                              seed=cfg.seed, autocast=precision.autocast())
@@ -330,3 +343,5 @@ def _samples(cfg, host, network, prompts, epoch, out_dir: Path, result: RunResul
         result.warnings.append(f"samples for epoch {epoch} failed: {e}")
     finally:
         network.train()
+        if offloaded:
+            host.offload_text_encoders()

@@ -176,3 +176,73 @@ def make_dataset(root: Path, *, size: int = 64, seed: int = 0, concepts=None) ->
             if captions[i] is not None:
                 (d / f"img{i}.txt").write_text(captions[i], encoding="utf-8")
     return root
+
+
+# ------------------------------------------------------------------ tiny SDXL (the sgm checkpoint layout)
+SDXL_UNET = dict(adm_in_channels=32 + 6 * 256, num_classes="sequential", in_channels=4, out_channels=4,
+                 model_channels=32, attention_resolutions=[2], num_res_blocks=2, channel_mult=[1, 2],
+                 num_head_channels=16, use_spatial_transformer=True, use_linear_in_transformer=True,
+                 transformer_depth=[1, 2], context_dim=64, spatial_transformer_attn_type="softmax", legacy=False)
+
+
+def sdxl_config(tokenizer_dir: Path, v: bool = False) -> Dict:
+    """An sgm DiffusionEngine yaml for the tiny SDXL (the layout of SDXL's own sd_xl_base.yaml)."""
+    emb = lambda key, target, params: {"is_trainable": False, "input_key": key,  # noqa: E731
+                                       "target": f"sgm.modules.encoders.modules.{target}", "params": params}
+    scaling = "VScaling" if v else "EpsScaling"
+    return {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": {
+        "scale_factor": 0.13025, "disable_first_stage_autocast": True,
+        "denoiser_config": {"target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser", "params": {
+            "num_idx": 1000,
+            "scaling_config": {"target": f"sgm.modules.diffusionmodules.denoiser_scaling.{scaling}"},
+            "discretization_config": {"target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}}},
+        "network_config": {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel",
+                           "params": copy.deepcopy(SDXL_UNET)},
+        "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": [
+            emb("txt", "FrozenCLIPEmbedder", {"layer": "hidden", "layer_idx": CLIP_TEXT["num_hidden_layers"] - 1,
+                                               "version": str(tokenizer_dir)}),
+            emb("txt", "FrozenOpenCLIPEmbedder2", {"arch": OPENCLIP_ARCH, "version": None, "freeze": True,
+                                                    "layer": "penultimate", "always_return_pooled": True,
+                                                    "legacy": False}),
+            emb("original_size_as_tuple", "ConcatTimestepEmbedderND", {"outdim": 256}),
+            emb("crop_coords_top_left", "ConcatTimestepEmbedderND", {"outdim": 256}),
+            emb("target_size_as_tuple", "ConcatTimestepEmbedderND", {"outdim": 256})]}},
+        "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": {
+            "embed_dim": 4, "monitor": "val/rec_loss", "ddconfig": dict(copy.deepcopy(VAE["ddconfig"]), attn_type="vanilla"),
+            "lossconfig": {"target": "torch.nn.Identity"}}}}}}
+
+
+def save_sdxl_checkpoint(out_dir: Path, name: str = "tiny-sdxl", seed: int = 0, v: bool = False) -> Path:
+    """A tiny random SDXL as ``<name>.safetensors`` (sgm keys: model.diffusion_model.*, conditioner.embedders.0/1.*,
+    first_stage_model.*) + ``<name>.yaml``, built with the CLI's own SDXL model code."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from .sdxl_host import build_vae
+    from .sdxl_text import OpenCLIPTextTower
+    from .sdxl_unet import build_unet
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = write_clip_tokenizer_dir(out_dir / "clip-tokenizer")
+    register_tiny_openclip(out_dir)
+    torch.manual_seed(seed)
+    parts = {"model.diffusion_model.": build_unet(SDXL_UNET),
+             "conditioner.embedders.0.transformer.": CLIPTextModel(CLIPTextConfig(**CLIP_TEXT)),
+             "conditioner.embedders.1.model.": OpenCLIPTextTower(32, 2, 2, 32),
+             "first_stage_model.": build_vae(VAE["ddconfig"])}
+    sd = {p + k: v.detach().contiguous().clone() for p, m in parts.items() for k, v in m.state_dict().items()}
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    path = out_dir / f"{name}.safetensors"
+    save_file(sd, str(path))
+    OmegaConf.save(OmegaConf.create(sdxl_config(tok.resolve(), v)), str(out_dir / f"{name}.yaml"))
+    return path
+
+
+def sdxl_host(work_dir: Optional[Path] = None, seed: int = 0, v: bool = False, zero_terminal_snr: bool = False):
+    from .ldm_host import load_checkpoint
+    work_dir = Path(work_dir or os.path.join(os.path.expanduser("~"), ".cache", "lora_trainer", "tiny"))
+    name = "tiny-sdxl-v" if v else "tiny-sdxl"
+    path = work_dir / f"{name}.safetensors"
+    if not path.is_file():
+        save_sdxl_checkpoint(work_dir, name, seed, v)
+    return load_checkpoint(str(path), device="cpu", zero_terminal_snr=zero_terminal_snr)

@@ -37,6 +37,22 @@ def choose_bucket(size: Size, buckets: List[Size], no_upscale: bool = False) -> 
     return min(cands, key=lambda b: (round(abs(math.log(b[0] / b[1]) - ar), 6), -b[0] * b[1]))
 
 
+def resize_and_crop(size: Size, bucket: Size) -> Tuple[int, int, int, int]:
+    """(resized width, height, crop left, top): the image is scaled to cover ``bucket``, then centre-cropped."""
+    w, h = size
+    bw, bh = bucket
+    s = max(bw / w, bh / h)
+    nw, nh = max(bw, round(w * s)), max(bh, round(h * s))
+    return nw, nh, (nw - bw) // 2, (nh - bh) // 2
+
+
+def size_conditioning(size: Size, bucket: Size) -> Tuple[int, int, int, int, int, int]:
+    """SDXL's size conditioning for an image trained at ``bucket``, as sd-scripts computes it:
+    (original height, width, crop top, crop left (in the resized image), target height, width)."""
+    _, _, left, top = resize_and_crop(size, bucket)
+    return size[1], size[0], top, left, bucket[1], bucket[0]
+
+
 def load_resized(path, bucket: Size):
     """The image as a (3,H,W) float tensor in [-1,1], scaled to cover ``bucket`` and centre-cropped."""
     import numpy as np
@@ -45,11 +61,9 @@ def load_resized(path, bucket: Size):
     bw, bh = bucket
     with Image.open(path) as im:
         im = im.convert("RGB")
-        w, h = im.size
-        s = max(bw / w, bh / h)
-        nw, nh = max(bw, round(w * s)), max(bh, round(h * s))
-        im = im.resize((nw, nh), Image.LANCZOS if s < 1 else Image.BICUBIC)
-        left, top = (nw - bw) // 2, (nh - bh) // 2
+        nw, nh, left, top = resize_and_crop(im.size, bucket)
+        downscale = max(bw / im.size[0], bh / im.size[1]) < 1
+        im = im.resize((nw, nh), Image.LANCZOS if downscale else Image.BICUBIC)
         im = im.crop((left, top, left + bw, top + bh))
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

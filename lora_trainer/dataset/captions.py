@@ -13,6 +13,11 @@ class CaptionRules:
     caption_dropout_rate: float = 0.0
     caption_tag_dropout_rate: float = 0.0
 
+    @property
+    def varies(self) -> bool:
+        """Whether a caption can differ from step to step."""
+        return bool(self.shuffle_caption or self.caption_dropout_rate or self.caption_tag_dropout_rate)
+
     def apply(self, caption: str, rng: random.Random) -> str:
         if self.caption_dropout_rate and rng.random() < self.caption_dropout_rate:
             return ""

@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .buckets import choose_bucket, load_resized, make_buckets
+from .buckets import choose_bucket, load_resized, make_buckets, size_conditioning
 from .captions import CaptionRules
 from .folders import DatasetScan, ImageItem
 from .latent_cache import cache_key, load_cached, store_cached
@@ -106,6 +106,11 @@ class TrainData:
             return torch.stack([self.latents[i] for i in batch.indices])
         imgs = torch.stack([load_resized(self.items[i].path, batch.bucket) for i in batch.indices])
         return encode(imgs)
+
+    def batch_size_conditioning(self, batch: Batch) -> torch.Tensor:
+        """(B, 6) SDXL size conditioning: original h, w, crop top, left, target h, w."""
+        return torch.tensor([size_conditioning(self.items[i].size, batch.bucket) for i in batch.indices],
+                            dtype=torch.float32)
 
     def batch_captions(self, batch: Batch, rng: random.Random) -> List[str]:
         return [self.caption_rules.apply(self.items[i].caption, rng) for i in batch.indices]

@@ -24,7 +24,7 @@ def base_model_version(model_kind: str, prediction_type: str) -> str:
 def build_metadata(cfg, *, model_kind: str, prediction_type: str, model_info: Dict[str, str], dataset_dirs: Dict,
                    tag_frequency: Dict, bucket_info: Optional[Dict], num_train_images: int, num_batches_per_epoch: int,
                    num_epochs: int, max_train_steps: int, warmup_steps: int, network_args: Dict[str, Any],
-                   optimizer_desc: str, started_at: float) -> Dict[str, str]:
+                   optimizer_desc: str, started_at: float, zero_terminal_snr: bool = False) -> Dict[str, str]:
     w, h = cfg.resolution_wh()
     arch = ARCHITECTURES[model_kind]
     if model_kind == "sd2" and prediction_type == "v":
@@ -62,6 +62,7 @@ def build_metadata(cfg, *, model_kind: str, prediction_type: str, model_info: Di
         "ss_noise_offset": cfg.noise_offset,
         "ss_multires_noise_iterations": cfg.multires_noise_iterations,
         "ss_multires_noise_discount": cfg.multires_noise_discount if cfg.multires_noise_iterations else None,
+        "ss_zero_terminal_snr": bool(zero_terminal_snr),
         "ss_training_comment": cfg.training_comment or None,
         "ss_optimizer": optimizer_desc,
         "ss_max_grad_norm": cfg.max_grad_norm,

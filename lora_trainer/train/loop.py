@@ -46,12 +46,18 @@ class LoopState:
     norm_stats: Optional[tuple] = None
 
 
-def train_step(host, precision: Precision, s: StepSettings, latents: torch.Tensor, tokens: Any) -> torch.Tensor:
-    """Forward and backward of one micro-batch. Returns the (unscaled) loss, still on the device."""
+def train_step(host, precision: Precision, s: StepSettings, latents: torch.Tensor, tokens: Any = None, *,
+               cond: Any = None, time_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Forward and backward of one micro-batch. Returns the (unscaled) loss, still on the device.
+    ``cond``: conditioning already encoded (cached text-encoder outputs) instead of ``tokens``;
+    ``time_ids``: SDXL's size conditioning per image (original size, crop, target size)."""
     acp = host.alphas_cumprod
-    te_grad = torch.enable_grad() if s.train_text_encoder else torch.no_grad()
-    with te_grad, precision.autocast():
-        cond = host.encode_tokens(tokens, s.clip_skip)
+    if cond is None:
+        te_grad = torch.enable_grad() if s.train_text_encoder else torch.no_grad()
+        with te_grad, precision.autocast():
+            cond = host.encode_tokens(tokens, s.clip_skip)
+    if time_ids is not None and isinstance(cond, dict):
+        cond = dict(cond, time_ids=time_ids.to(latents.device))
     noise = make_noise(latents, noise_offset=s.noise_offset, multires_iterations=s.multires_noise_iterations,
                        multires_discount=s.multires_noise_discount)
     timesteps = torch.randint(0, acp.shape[0], (latents.shape[0],), device=latents.device)
@@ -88,7 +94,7 @@ class EpochHooks:
 
 def run_epochs(*, host, network, data, optimizer, schedule, precision: Precision, s: StepSettings, epochs: int,
                total_steps: int, progress: Progress, callbacks: Callbacks, commands: Commands, hooks: EpochHooks,
-               tb=None, seed: int = 0, sync_every: int = 10, encode_images=None) -> LoopState:
+               tb=None, seed: int = 0, sync_every: int = 10, encode_images=None, text_cache=None) -> LoopState:
     state = LoopState()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     caption_rng = random.Random(seed)
@@ -104,8 +110,14 @@ def run_epochs(*, host, network, data, optimizer, schedule, precision: Precision
             if state.step >= total_steps:
                 break
             latents = data.batch_latents(batch, encode_images).to(host.device)
-            tokens = host.tokenize(data.batch_captions(batch, caption_rng), s.max_token_length)
-            loss = train_step(host, precision, s, latents, tokens)
+            captions = data.batch_captions(batch, caption_rng)
+            time_ids = data.batch_size_conditioning(batch) if host.model_kind == "sdxl" else None
+            if text_cache is not None:
+                loss = train_step(host, precision, s, latents, cond=text_cache.encode(captions, host.device),
+                                  time_ids=time_ids)
+            else:
+                loss = train_step(host, precision, s, latents, host.tokenize(captions, s.max_token_length),
+                                  time_ids=time_ids)
             state.micro_step += 1
             state.epoch_sum = loss if state.epoch_sum is None else state.epoch_sum + loss
             state.epoch_count += 1

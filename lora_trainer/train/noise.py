@@ -55,3 +55,19 @@ def min_snr_weight(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma:
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+# the last step's alpha-bar after the rescale: 0 exactly would make SNR 0 and min-SNR weights 0/0
+# (the WebUI and sd-scripts both keep this tiny positive value there)
+ZTSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed"):
+    shift and scale sqrt(alpha-bar) so the first step keeps its value and the last reaches zero."""
+    s = alphas_cumprod.double().sqrt()
+    first, last = s[0].clone(), s[-1].clone()
+    s = (s - last) * (first / (first - last))
+    out = s ** 2
+    out[-1] = ZTSNR_LAST_ALPHA_BAR
+    return out.to(alphas_cumprod.dtype)
