@@ -38,6 +38,22 @@ def sd2v_host(tiny_dir):
     return _host("sd2-v", tiny_dir)
 
 
+@pytest.fixture(scope="session")
+def sdxl_host(tiny_dir):
+    """A tiny SDXL (epsilon) host over a single-file sgm-layout checkpoint, loaded as the CLI loads one."""
+    pytest.importorskip("diffusers")
+    from lora_trainer import tiny
+    return tiny.sdxl_host(tiny_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxlv_host(tiny_dir):
+    """A tiny SDXL v-prediction host (VScaling in its yaml) with the zero-terminal-SNR schedule."""
+    pytest.importorskip("diffusers")
+    from lora_trainer import tiny
+    return tiny.sdxl_host(tiny_dir, seed=0, v=True, zero_terminal_snr=True)
+
+
 @pytest.fixture()
 def dataset_dir(tmp_path):
     from lora_trainer import tiny
@@ -68,4 +84,7 @@ def forward_probe(host, seed=0):
     t = torch.tensor([100, 700])
     with torch.no_grad():
         cond = host.encode_tokens(host.tokenize(["trigger_a, red circle", "a blue square"], 75), 1)
-        return cond, host.denoise(z, t, cond)
+        pred = host.denoise(z, t, cond)
+        if isinstance(cond, dict):  # SDXL: crossattn and pooled, side by side
+            cond = torch.cat([cond["crossattn"].flatten(1), cond["pooled"]], dim=1)
+        return cond, pred

@@ -105,6 +105,22 @@ def test_adapter_forward_equals_the_file_applied_the_webui_way(case, sd1):
     torch.testing.assert_close(y4, y1, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_sdxl_adapter_forward_equals_the_file_applied_the_webui_way(case, sdxl_host):
+    """Every algorithm on SDXL (UNet in sgm names + CLIP-L; the OpenCLIP encoder is refused as for SD2)."""
+    host = sdxl_host
+    host.prepare()
+    try:
+        net = LycorisNetwork.create(host.unet, host.text_encoders[:1], dim=4, alpha=2, network_args=_args(CASES[case]))
+        assert net.unet_names and all(n.startswith(("lora_unet_", "lora_te1_")) for n in net.unet_names + net.te_names)
+        _randomise(net)
+        _check_against_file(host, net)
+        with pytest.raises(UserError, match="network_train_unet_only"):
+            LycorisNetwork.create(host.unet, host.text_encoders, dim=4, alpha=2, network_args=_args(CASES[case]))
+    finally:
+        host.restore()
+
+
 def test_kohya_dylora_forward_equals_file_and_trains_one_block(sd1):
     net = dylora.create(sd1.unet, sd1.text_encoders, dim=4, alpha=2, network_args={"unit": 2, "conv_dim": 2})
     _randomise(net)

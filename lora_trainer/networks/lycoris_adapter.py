@@ -41,7 +41,8 @@ REFUSED_ALGOS = {
 }
 TRANSFORMER = {"SpatialTransformer", "SpatialTransformer3D"}
 CONV_BLOCKS = {"ResBlock", "Downsample", "Upsample"}
-ATTENTION = {"CrossAttention", "MemoryEfficientCrossAttention", "CrossAttentionPatched"}
+# sgm/ldm attention classes, and diffusers' "Attention" (the CLI's SDXL UNet, seen under sgm's names)
+ATTENTION = {"CrossAttention", "MemoryEfficientCrossAttention", "CrossAttentionPatched", "Attention"}
 CLIP_ATTENTION = {"CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2"}
 EDGE_NAMES = ["time_embed.0", "time_embed.2", "label_emb.0.0", "label_emb.0.2"]
 CONV_EDGE_NAMES = ["input_blocks.0.0", "out.2"]

@@ -1,4 +1,4 @@
-"""The WebUI host: the Host protocol over ``shared.sd_model`` (SD1/SD2), the generation lock, and the
+"""The WebUI host: the Host protocol over ``shared.sd_model`` (SD1/SD2 here; SDXL in ``host_sdxl``), the generation lock, and the
 clean-up the WebUI's Lora extension needs (it merges LoRAs into the weights in place and leaves them).
 
 Text goes through the WebUI's own conditioning path (``cond_stage_model(texts)``), so chunking,
@@ -23,17 +23,51 @@ def _refuse_unsupported(sd_model) -> str:
     from modules import devices, shared
     if sd_model is None:
         raise UserError("No model is loaded: pick a Stable Diffusion checkpoint at the top of the page first.")
-    if getattr(sd_model, "is_sdxl", False):
-        raise UserError("The loaded model is SDXL: this version trains SD1 and SD2 models. Load an SD1/SD2 checkpoint.")
     if getattr(sd_model, "is_sd3", False) or not hasattr(sd_model, "cond_stage_model"):
-        raise UserError("The loaded model is not SD1/SD2 (e.g. SD3): load an SD1 or SD2 checkpoint to train.")
+        raise UserError("The loaded model is SD3 (or another kind this trainer does not know): load an SD1, SD2 or "
+                        "SDXL checkpoint to train.")
+    if getattr(sd_model, "is_sdxl_inpaint", False) or _unet_in_channels(sd_model) not in (None, 4):
+        raise UserError("The loaded model is an inpainting model (its UNet takes a mask): LoRAs are trained on the "
+                        "base model. Load the base (non-inpainting) checkpoint.")
+    if getattr(sd_model, "is_sdxl", False):
+        embedders = list(getattr(getattr(sd_model, "conditioner", None), "embedders", []))
+        keys = {getattr(e, "input_key", None) for e in embedders}
+        if "aesthetic_score" in keys or sum(hasattr(e, "wrapped") for e in embedders) < 2:
+            raise UserError("The loaded model is the SDXL refiner: LoRAs are trained on an SDXL base model (SDXL base, "
+                            "Pony, Illustrious, NoobAI, ...). Load one of those.")
     if getattr(shared.cmd_opts, "lowvram", False):
         raise UserError("The WebUI runs with --lowvram, which moves every block off the GPU between forward and "
                         "backward: training cannot work. Restart without --lowvram (with --medvram, train the UNet only).")
     if getattr(devices, "fp8", False) or str(getattr(shared.opts, "fp8_storage", "Disable")) != "Disable":
         raise UserError("FP8 weight storage is on (Settings > Optimizations > FP8 weight): turn it off and reload "
                         "the checkpoint to train.")
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
     return "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
+
+
+def _unet_in_channels(sd_model):
+    try:
+        return int(sd_model.model.diffusion_model.input_blocks[0][0].in_channels)
+    except Exception:
+        return None
+
+
+def medvram_bring(module) -> None:
+    """Under --medvram the WebUI moves a module to the GPU in a forward pre-hook; run those hooks for a
+    module we call past its forward (SDXL's conditioner, whose embedders we call one by one)."""
+    for hook in list(getattr(module, "_forward_pre_hooks", {}).values()):
+        hook(module, ())
+
+
+def make_host(sd_model=None, clip_skip: int = 1, train_text_encoder: bool = True):
+    """The WebUI host for the loaded model's kind (refusing what cannot be trained)."""
+    from modules import shared
+    sd_model = sd_model if sd_model is not None else shared.sd_model
+    if _refuse_unsupported(sd_model) == "sdxl":
+        from .host_sdxl import WebUISDXLHost
+        return WebUISDXLHost(sd_model, clip_skip=clip_skip, train_text_encoder=train_text_encoder)
+    return WebUIHost(sd_model, clip_skip=clip_skip, train_text_encoder=train_text_encoder)
 
 
 class WebUIHost(BaseHost):
@@ -44,16 +78,17 @@ class WebUIHost(BaseHost):
         from modules import devices, shared
         self.sd_model = sd_model if sd_model is not None else shared.sd_model
         self.model_kind = _refuse_unsupported(self.sd_model)
-        if getattr(shared.cmd_opts, "medvram", False) and train_text_encoder:
-            raise UserError("The WebUI runs with --medvram, which moves the text encoder off the GPU while the UNet "
-                            "runs: train the UNet only (network_train_unet_only) or restart without --medvram.")
+        if (getattr(self.sd_model, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False)) and train_text_encoder:
+            raise UserError("The WebUI runs with --medvram/--medvram-sdxl, which moves the text encoders off the GPU "
+                            "while the UNet runs: train the UNet only (network_train_unet_only, best with "
+                            "cache_text_encoder_outputs) or restart without that flag.")
         self.unet = self.sd_model.model.diffusion_model
         self.cond = self.sd_model.cond_stage_model          # the WebUI's wrapper (chunks, emphasis, clip skip)
         self.text_encoders = [("lora_te", self.cond.wrapped)]
         self.vae = self.sd_model.first_stage_model
         self.prediction_type = "v" if getattr(self.sd_model, "parameterization", "eps") == "v" else "epsilon"
         self.device = devices.device
-        self.alphas_cumprod = self.sd_model.alphas_cumprod.detach().float().to(self.device)
+        self.alphas_cumprod, self.zero_terminal_snr = training_schedule(self.sd_model, self.device)
         self.weight_dtype = next(self.unet.parameters()).dtype
         self.scale_factor = float(self.sd_model.scale_factor)
         self.clip_skip = clip_skip
@@ -103,6 +138,11 @@ class WebUIHost(BaseHost):
             except Exception:  # older/newer WebUIs
                 pass
 
+    def offload_text_encoders(self) -> None:
+        if getattr(self.sd_model, "lowvram", False):
+            return   # --medvram: the WebUI keeps them off the GPU already
+        super().offload_text_encoders()
+
     # -------------------------------------------------------------- images
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -140,7 +180,8 @@ class WebUIHost(BaseHost):
 
     # -------------------------------------------------------------- UNet
     def denoise(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.unet(noisy_latents, timesteps, context=cond)
+        # through ldm's DiffusionWrapper, whose forward pre-hook brings the UNet to the GPU under --medvram
+        return self.sd_model.model(noisy_latents, timesteps, c_crossattn=[cond])
 
     # -------------------------------------------------------------- info
     def model_info(self) -> Dict[str, str]:
@@ -158,6 +199,21 @@ class WebUIHost(BaseHost):
         if self._vae_fp is None:
             self._vae_fp = fingerprint_module(self.vae.encoder)
         return self._vae_fp
+
+
+def training_schedule(sd_model, device):
+    """The model's own alpha-bar schedule in float32, rescaled to zero terminal SNR when the WebUI's
+    *Noise schedule* setting says so (as the WebUI does before each generation)."""
+    from modules import shared
+    base = getattr(sd_model, "alphas_cumprod_original", None)
+    if base is None:
+        base = sd_model.alphas_cumprod
+    acp = base.detach().float().to(device)
+    ztsnr = str(getattr(shared.opts, "sd_noise_schedule", "Default")) == "Zero Terminal SNR"
+    if ztsnr:
+        from ..train.noise import rescale_zero_terminal_snr
+        acp = rescale_zero_terminal_snr(acp)
+    return acp, ztsnr
 
 
 class ForeignNetworks:

@@ -81,8 +81,8 @@ def _prepare_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def _make_host(cfg: TrainConfig):
-    from .host import WebUIHost
-    host = WebUIHost(clip_skip=cfg.clip_skip, train_text_encoder=cfg.train_text_encoder())
+    from .host import make_host
+    host = make_host(clip_skip=cfg.clip_skip, train_text_encoder=cfg.train_text_encoder())
     svc = get_service()
     _run_extras[svc.run_id] = dict(_run_extras.pop("pending", {}), model_kind=host.model_kind)
     return host
