@@ -33,6 +33,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # bitsandbytes (imported by diffusers when installed) warns about optional CPU kernels on import
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _print_progress(p) -> None:

@@ -99,7 +99,8 @@ def guess_subject(cfg: TrainConfig) -> str:
     return "character" if cfg.keep_tokens > 0 else "style"
 
 
-def diagnose(cfg: TrainConfig, subject: Optional[str] = None) -> DoctorReport:
+def diagnose(cfg: TrainConfig, subject: Optional[str] = None, model_kind: Optional[str] = None) -> DoctorReport:
+    """``model_kind`` (sd1/sd2/sdxl: the loaded model's, when known) adds that kind's resolution checks."""
     from .dataset.folders import tag_frequency
     from .dataset.triggers import missing_trigger, trigger_words
     from .run import build_data, plan
@@ -133,7 +134,24 @@ def diagnose(cfg: TrainConfig, subject: Optional[str] = None) -> DoctorReport:
                                              c.missing_captions, c.empty_captions, sample, top,
                                              missing.get(c.folder, 0)))
     _warn(report, cfg, data)
+    _warn_model_kind(report, cfg, model_kind)
     return report
+
+
+def _warn_model_kind(r: DoctorReport, cfg: TrainConfig, model_kind: Optional[str]) -> None:
+    w, h = cfg.resolution_wh()
+    side = (w * h) ** 0.5
+    if model_kind == "sdxl":
+        if side < 1024:
+            r.warnings.append(f"The loaded model is SDXL, trained at 1024x1024; at resolution {cfg.resolution} the LoRA "
+                              "learns blurry, low-detail images. Set resolution 1024 with buckets 512-2048 (the SDXL "
+                              "presets do).")
+        if cfg.train_text_encoder() and not cfg.cache_text_encoder_outputs:
+            r.notes.append("SDXL with both text encoders trained needs several GB more than UNet-only training "
+                           "with cached text-encoder outputs (network_train_unet_only + cache_text_encoder_outputs).")
+    elif model_kind in ("sd1", "sd2") and side > 768:
+        r.warnings.append(f"The loaded model is {model_kind.upper()}, trained at 512-768 px; resolution "
+                          f"{cfg.resolution} is an SDXL size: use 512-768 (or load an SDXL model).")
 
 
 def _warn(r: DoctorReport, cfg: TrainConfig, data) -> None:

@@ -119,15 +119,78 @@ def _build() -> Dict[str, Preset]:
 PRESETS: Dict[str, Preset] = _build()
 
 
-def preset_names() -> List[str]:
-    return list(PRESETS)
+# ------------------------------------------------------------------ SDXL (Pony, Illustrious, NoobAI, ...)
+# SDXL trains at 1024² with buckets 512-2048; the UNet only, with the text encoders' outputs cached and
+# the encoders off the GPU (several GB saved: training both encoders of SDXL rarely helps a LoRA).
+# Measured with sd-scripts on one H200 (issue 11): SDXL 1024² UNet-only bf16 took 14.2 GiB at batch 1
+# and 38.8 GiB at batch 4 without gradient checkpointing, so every SDXL preset checkpoints.
+SDXL_CARDS = (12, 16, 24)
+SDXL_OPTIMIZERS = ("AdamW8bit", "Prodigy")
+PRODIGY_ARGS = ["decouple=True", "weight_decay=0.01", "betas=0.9,0.99", "use_bias_correction=True",
+                "safeguard_warmup=True", "d_coef=1"]
+SDXL_COMMON: Dict[str, Any] = dict(
+    COMMON, network_dim=32, clip_skip=1, resolution="1024", min_bucket_reso=512, max_bucket_reso=2048,
+    network_train_unet_only=True, cache_text_encoder_outputs=True, gradient_checkpointing=True,
+)
+SDXL_CARD: Dict[int, Dict[str, Any]] = {12: dict(train_batch_size=1), 16: dict(train_batch_size=2),
+                                        24: dict(train_batch_size=4)}
+SDXL_SUBJECT: Dict[str, Dict[str, Dict[str, Any]]] = {
+    "character": {
+        "AdamW8bit": dict(network_alpha=16.0, network_args=[], learning_rate=1e-4, unet_lr=1e-4, text_encoder_lr=None,
+                          lr_scheduler="cosine", lr_warmup_steps=0.05, lr_scheduler_num_cycles=1, keep_tokens=1,
+                          max_train_epochs=10),
+        "Prodigy": dict(network_alpha=16.0, network_args=[], learning_rate=1.0, unet_lr=None, text_encoder_lr=None,
+                        lr_scheduler="constant", lr_warmup_steps=0.0, lr_scheduler_num_cycles=1, keep_tokens=1,
+                        max_train_epochs=10),
+    },
+    "style": {
+        "AdamW8bit": dict(network_alpha=32.0, network_args=["conv_dim=16", "conv_alpha=16"], learning_rate=1e-4,
+                          unet_lr=1e-4, text_encoder_lr=None, lr_scheduler="cosine_with_restarts",
+                          lr_warmup_steps=0.05, lr_scheduler_num_cycles=4, keep_tokens=0, max_train_epochs=20),
+        "Prodigy": dict(network_alpha=32.0, network_args=["conv_dim=16", "conv_alpha=16"], learning_rate=1.0,
+                        unet_lr=None, text_encoder_lr=None, lr_scheduler="constant", lr_warmup_steps=0.0,
+                        lr_scheduler_num_cycles=1, keep_tokens=0, max_train_epochs=20),
+    },
+}
+SDXL_OPTIMIZER = {"AdamW8bit": dict(optimizer_type="AdamW8bit", optimizer_args=list(ADAMW8BIT_ARGS)),
+                  "Prodigy": dict(optimizer_type="Prodigy", optimizer_args=list(PRODIGY_ARGS))}
+SDXL_NOTE = {"character": {"AdamW8bit": "dim 32 / alpha 16, lr 1e-4, cosine, keep the trigger tag, 10 epochs",
+                           "Prodigy": "dim 32 / alpha 16, Prodigy lr 1.0, constant, keep the trigger tag, 10 epochs"},
+             "style": {"AdamW8bit": "dim 32 / alpha 32 + LoCon 16, lr 1e-4, cosine with 3 restarts, 20 epochs",
+                       "Prodigy": "dim 32 / alpha 32 + LoCon 16, Prodigy lr 1.0, constant, 20 epochs"}}
+
+
+def sdxl_preset_name(card_gb: int, subject: str, optimizer: str = "AdamW8bit") -> str:
+    return f"SDXL {card_gb} GB {subject}" + ("" if optimizer == "AdamW8bit" else f" ({optimizer})")
+
+
+def _build_sdxl() -> Dict[str, Preset]:
+    out: Dict[str, Preset] = {}
+    for opt in SDXL_OPTIMIZERS:
+        for card in SDXL_CARDS:
+            for subject in SUBJECTS:
+                name = sdxl_preset_name(card, subject, opt)
+                overrides = {**SDXL_COMMON, **SDXL_CARD[card], **SDXL_SUBJECT[subject][opt], **SDXL_OPTIMIZER[opt]}
+                desc = (f"SDXL on a {card} GB card, {subject}: 1024 px (buckets 512-2048), batch "
+                        f"{SDXL_CARD[card]['train_batch_size']}, gradient checkpointing, UNet only with cached "
+                        f"text-encoder outputs; {SDXL_NOTE[subject][opt]}.")
+                out[name] = Preset(name, desc, overrides, card, subject, opt)
+    return out
+
+
+SDXL_PRESETS: Dict[str, Preset] = _build_sdxl()
+
+
+def preset_names(model_kind: str = "sd1") -> List[str]:
+    """The presets for a model kind (sd1/sd2: the guide's; sdxl: the SDXL ones)."""
+    return list(SDXL_PRESETS if model_kind == "sdxl" else PRESETS)
 
 
 def get_preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise UserError(f"Unknown preset {name!r}: choose one of {', '.join(PRESETS)}.") from None
+    p = PRESETS.get(name) or SDXL_PRESETS.get(name)
+    if p is None:
+        raise UserError(f"Unknown preset {name!r}: choose one of {', '.join(list(PRESETS) + list(SDXL_PRESETS))}.")
+    return p
 
 
 def apply_preset(cfg: TrainConfig, name: str) -> TrainConfig:

@@ -113,7 +113,7 @@ def test_every_preset_field_is_a_tab_field_and_every_config_field_is_placed():
     assert len(shown) == len(set(shown))
     assert not set(shown) & set(tab_fields.HIDDEN)
     assert set(shown) | set(tab_fields.HIDDEN) == set(field_help())
-    for p in presets.PRESETS.values():
+    for p in list(presets.PRESETS.values()) + list(presets.SDXL_PRESETS.values()):
         assert set(p.overrides) <= set(shown), set(p.overrides) - set(shown)
 
 
@@ -122,3 +122,38 @@ def test_preset_survives_the_round_trip_through_the_widgets(name):
     from lora_trainer.webui import tab_fields
     cfg = presets.apply_preset(TrainConfig(train_data_dir="/d"), name)
     assert tab_fields.config_from_ui(tab_fields.ui_values(cfg)) == cfg
+
+
+SDXL = presets.preset_names("sdxl")
+
+
+def test_sdxl_presets_cards_subjects_optimizers():
+    assert len(SDXL) == 12 and not set(SDXL) & set(ALL)
+    combos = {(p.card_gb, p.subject, p.optimizer) for p in presets.SDXL_PRESETS.values()}
+    assert combos == {(c, s, o) for c in (12, 16, 24) for s in ("character", "style") for o in ("AdamW8bit", "Prodigy")}
+
+
+@pytest.mark.parametrize("name", SDXL)
+def test_every_sdxl_preset_is_valid_and_sdxl_shaped(name):
+    from lora_trainer.optim.setup import setting_problems
+    p = presets.get_preset(name)
+    assert set(p.overrides) <= set(field_help())
+    c = presets.apply_preset(TrainConfig(), name)
+    assert c.problems(need_dataset=False, need_output=False) == []
+    assert [x for x in setting_problems(c) if "install" not in x and "CPU" not in x] == []
+    assert c.resolution_wh() == (1024, 1024) and (c.min_bucket_reso, c.max_bucket_reso) == (512, 2048)
+    assert c.network_train_unet_only and c.cache_text_encoder_outputs and c.gradient_checkpointing
+    assert c.train_batch_size == {12: 1, 16: 2, 24: 4}[p.card_gb]
+    assert c.optimizer_type == p.optimizer
+
+
+def test_doctor_warns_sdxl_at_512(tmp_path):
+    from lora_trainer import tiny
+    from lora_trainer.doctor import diagnose
+    root = tiny.make_dataset(tmp_path / "ds")
+    cfg = TrainConfig(train_data_dir=str(root), resolution="512", min_bucket_reso=64, max_bucket_reso=1024)
+    assert any("SDXL" in w and "1024" in w for w in diagnose(cfg, model_kind="sdxl").warnings)
+    assert not any("SDXL" in w for w in diagnose(cfg, model_kind="sd1").warnings)
+    big = cfg.replace(resolution="1024", min_bucket_reso=512, max_bucket_reso=2048)
+    assert not any("trained at 1024x1024" in w for w in diagnose(big, model_kind="sdxl").warnings)
+    assert any("SDXL size" in w for w in diagnose(big, model_kind="sd1").warnings)

@@ -65,10 +65,12 @@ def register(_demo, app) -> None:
     def stop():
         return {"stopping": runtime.stop_training(), **runtime.status()}
 
-    def xyz(run_id: str = "", folder: str = "", weights: str = "0.7-1.5 [5]", seeds: bool = False, prompt: str = ""):
+    def xyz(run_id: str = "", folder: str = "", weights: str = "0.7-1.5 [5]", seeds: bool = False, prompt: str = "",
+            width: int = 0, height: int = 0, steps: int = 20):
         try:
             preset = runtime.make_preset(folder=folder or None, run_id=run_id or None, weights=weights,
-                                         seeds_variant=seeds, prompt=prompt)
+                                         seeds_variant=seeds, prompt=prompt, width=width or None,
+                                         height=height or None, steps=steps)
         except UserError as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         d = preset.to_dict()

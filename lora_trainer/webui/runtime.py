@@ -5,6 +5,7 @@ and the X/Y/Z helpers. The tab and the HTTP API both call these functions.
 from __future__ import annotations
 
 import json
+import re
 import logging
 import shutil
 import threading
@@ -238,7 +239,9 @@ def run_triggers(folder: Path) -> str:
 
 def make_preset(folder: Optional[str] = None, run_id: Optional[str] = None, *, weights: str = "0.7-1.5 [5]",
                 seeds_variant: bool = False, prompt: str = "", negative_prompt: str = "", steps: int = 20,
-                width: int = 512, height: int = 512, seed: int = 1234):
+                width: Optional[int] = None, height: Optional[int] = None, seed: int = 1234):
+    """The epochs x weights preset of a run. Width/height default to the size the run trained at
+    (its ``ss_resolution``: 1024x1024 for an SDXL run), the clip skip to the run's."""
     from ..xyz import build_preset, epoch_stems
     svc = get_service()
     output_name = None
@@ -254,15 +257,29 @@ def make_preset(folder: Optional[str] = None, run_id: Optional[str] = None, *, w
     if not folder_p.is_absolute():
         folder_p = lora_dir() / folder_p
     stems = epoch_stems(folder_p, output_name)
+    trained = (1024, 1024) if model_summary_kind() == "sdxl" else (512, 512)
     if stems:  # the clip skip the run trained with (a pasted "Clip skip" overrides the user's setting)
         from ..io.lora_file import read_metadata
         try:
-            clip_skip = int(read_metadata(folder_p / f"{stems[0]}.safetensors").get("ss_clip_skip", clip_skip))
+            meta = read_metadata(folder_p / f"{stems[0]}.safetensors")
+            clip_skip = int(meta.get("ss_clip_skip", clip_skip))
+            m = re.fullmatch(r"\((\d+), (\d+)\)", meta.get("ss_resolution", ""))
+            if m:
+                trained = (int(m[1]), int(m[2]))
         except (UserError, ValueError):
             pass
+    width, height = width or trained[0], height or trained[1]
     return build_preset(stems, weights=weights, trigger_words=run_triggers(folder_p), prompt=prompt,
                         negative_prompt=negative_prompt, seeds_variant=seeds_variant, steps=steps, width=width,
                         height=height, seed=seed, clip_skip=clip_skip)
+
+
+def model_summary_kind() -> str:
+    try:
+        from modules import shared
+        return "sdxl" if getattr(shared.sd_model, "is_sdxl", False) else "sd1"
+    except Exception:
+        return "sd1"
 
 
 def axis_indices() -> Dict[str, int]:

@@ -130,7 +130,7 @@ def _build_header(ui: _UI) -> None:
     from ..presets import preset_names
     ui.c["model"] = gr.Markdown(_model_text(), elem_id="lora_trainer_model")
     with gr.Row(elem_id="lora_trainer_presets"):
-        ui.c["preset"] = gr.Dropdown(label="Preset", choices=preset_names(), value=None, scale=2,
+        ui.c["preset"] = gr.Dropdown(label="Preset", choices=preset_names("sdxl") + preset_names(), value=None, scale=2,
                                      info="Card memory × subject; overwrites the fields it sets.",
                                      elem_id="lora_trainer_preset")
         with gr.Column(scale=0, min_width=130):
@@ -191,9 +191,9 @@ def _build_xyz(ui: _UI) -> None:
         with gr.Row():
             ui.c["xyz_steps"] = gr.Number(label="Steps", value=20, precision=0, min_width=80,
                                           elem_id="lora_trainer_xyz_steps")
-            ui.c["xyz_width"] = gr.Number(label="Width", value=512, precision=0, min_width=80,
+            ui.c["xyz_width"] = gr.Number(label="Width (0 = the run's)", value=0, precision=0, min_width=80,
                                           elem_id="lora_trainer_xyz_width")
-            ui.c["xyz_height"] = gr.Number(label="Height", value=512, precision=0, min_width=80,
+            ui.c["xyz_height"] = gr.Number(label="Height (0 = the run's)", value=0, precision=0, min_width=80,
                                            elem_id="lora_trainer_xyz_height")
             ui.c["xyz_seed"] = gr.Number(label="Seed", value=1234, precision=0, min_width=80,
                                          elem_id="lora_trainer_xyz_seed")

@@ -41,6 +41,15 @@ def output_path_text(output_name: str) -> str:
         return f"Files go to `<Lora folder>/{output_name}`"
 
 
+def _loaded_model_kind():
+    try:
+        from modules import shared
+        m = shared.sd_model
+        return "sdxl" if getattr(m, "is_sdxl", False) else "sd2" if getattr(m, "is_sd2", False) else "sd1"
+    except Exception:  # outside the WebUI, or no model
+        return None
+
+
 def check_dataset(values: Dict[str, Any], subject: str) -> str:
     from ..doctor import diagnose
     try:
@@ -50,7 +59,7 @@ def check_dataset(values: Dict[str, Any], subject: str) -> str:
     if not cfg.train_data_dir:
         return "Choose the dataset folder (it holds concept folders named N_name, N = repeats), then press Check."
     try:
-        return diagnose(cfg, subject=subject or None).to_markdown()
+        return diagnose(cfg, subject=subject or None, model_kind=_loaded_model_kind()).to_markdown()
     except Exception as e:
         return error_text(e, "Checking the dataset")
 
@@ -306,7 +315,7 @@ def xyz_preset(folder: str, weights: str, seeds_variant: bool, prompt: str, nega
         raise UserError("Choose a run folder (a folder under the Lora folder with epoch files).")
     return runtime.make_preset(folder=folder, weights=weights or "0.7-1.5 [5]", seeds_variant=bool(seeds_variant),
                                prompt=prompt or "", negative_prompt=negative or "", steps=int(steps or 20),
-                               width=int(width or 512), height=int(height or 512),
+                               width=int(width) if width else None, height=int(height) if height else None,
                                seed=int(seed if seed not in (None, "") else 1234))
 
 

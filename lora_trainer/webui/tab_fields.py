@@ -42,7 +42,8 @@ SECTIONS: List[Tuple[str, str, List[List[str]], bool]] = [
         ["max_token_length", "clip_skip"],
         ["caption_dropout_rate", "caption_tag_dropout_rate"]], True),
     ("precision", "Precision & memory", [
-        ["mixed_precision", "gradient_checkpointing", "cache_latents", "cache_latents_to_disk"]], True),
+        ["mixed_precision", "gradient_checkpointing", "cache_latents", "cache_latents_to_disk"],
+        ["cache_text_encoder_outputs"]], True),
     ("saving", "Saving", [
         ["output_name", "save_precision"],
         ["save_every_n_epochs", "save_last_n_epochs"],
@@ -60,6 +61,7 @@ HIDDEN: Dict[str, str] = {
     "v2": "detected from the loaded checkpoint",
     "v_parameterization": "detected from the loaded checkpoint",
     "vae": "the loaded VAE is used",
+    "zero_terminal_snr": "the WebUI's Noise schedule setting (Settings > Sampler parameters) is used",
     "output_dir": "the WebUI writes to the Lora folder, in a folder named after output_name",
     "save_model_as": "only safetensors is written",
     "max_data_loader_n_workers": "images are prepared in-process",
