@@ -136,7 +136,8 @@ class LDMHost(BaseHost):
 
     # -------------------------------------------------------------- info
     def model_info(self) -> Dict[str, str]:
-        return {"sd_model_name": self._name, "sd_model_hash": self._hash, "vae_name": self._vae_name}
+        return {"sd_model_name": self._name, "sd_model_hash": self._hash[:10], "sd_model_sha256": self._hash,
+                "vae_name": self._vae_name}
 
     def vae_fingerprint(self) -> str:
         if self._vae_fp is None:
@@ -198,7 +199,7 @@ def load_checkpoint(path: str, config: str = "", *, device: str = "cpu", vae: st
         vsd = {k[len("first_stage_model."):] if k.startswith("first_stage_model.") else k: v for k, v in vsd.items()}
         model.first_stage_model.load_state_dict(vsd, strict=False)
     model.to(device)
-    host = LDMHost(model, name=ckpt.name, model_hash=sha256_file(ckpt)[:10], device=device,
+    host = LDMHost(model, name=ckpt.name, model_hash=sha256_file(ckpt), device=device,
                    vae_name=Path(vae).name if vae else "")
     if zero_terminal_snr:
         from .train.noise import rescale_zero_terminal_snr

@@ -115,7 +115,8 @@ class SDXLHost(BaseHost):
 
     # -------------------------------------------------------------- info
     def model_info(self) -> Dict[str, str]:
-        return {"sd_model_name": self._name, "sd_model_hash": self._hash, "vae_name": self._vae_name}
+        return {"sd_model_name": self._name, "sd_model_hash": self._hash[:10], "sd_model_sha256": self._hash,
+                "vae_name": self._vae_name}
 
     def vae_fingerprint(self) -> str:
         if self._vae_fp is None:
@@ -198,4 +199,4 @@ def load_sdxl(path: Path, sd: Dict[str, torch.Tensor], yaml_cfg: Optional[Dict[s
     prediction = "v" if (v_parameterization or params["v"]) else "epsilon"
     return SDXLHost(unet, te1, te2, vae_model, scale_factor=params["scale_factor"], prediction_type=prediction,
                     zero_terminal_snr=zero_terminal_snr, device=device, name=name,
-                    model_hash=sha256_file(path)[:10], vae_name=Path(vae).name if vae else "")
+                    model_hash=sha256_file(path), vae_name=Path(vae).name if vae else "")

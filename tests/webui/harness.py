@@ -69,8 +69,16 @@ class WebUI:
     def start(self, ready_timeout: int = 300, check: bool = True) -> None:
         """``check=False``: for setups the start script cannot probe (--api-auth); wait yourself."""
         env = dict(self.env, WEBUI_START_TIMEOUT=str(ready_timeout))
-        r = subprocess.run(["bash", str(self.harness / "start_webui.sh")], env=env, capture_output=True,
-                           text=True, timeout=ready_timeout + 120)
+        for attempt in range(3):
+            r = subprocess.run(["bash", str(self.harness / "start_webui.sh")], env=env, capture_output=True,
+                               text=True, timeout=ready_timeout + 120)
+            # a start-up race in the WebUI itself: a request that lands between its middleware reset and
+            # create_api() locks starlette's middleware stack ("Cannot add middleware after an application
+            # has started"); the start script polls every 0.5 s, so about one start in four dies this way
+            if r.returncode != 0 and "Cannot add middleware after an application has started" in self.log():
+                self.stop()
+                continue
+            break
         if check and r.returncode != 0:
             raise RuntimeError(f"WebUI failed to start:\n{r.stdout}\n{r.stderr}\n{self.log()[-4000:]}")
 

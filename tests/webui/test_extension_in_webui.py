@@ -141,19 +141,6 @@ def test_install_py_moves_nothing(webui):
     assert time.time() - t0 < 30
 
 
-def test_sdxl_is_refused_with_a_message_before_any_work(webui, tmp_path):
-    ds = tiny.make_dataset(tmp_path / "dataset")
-    webui.switch_checkpoint("tiny-sdxl")
-    try:
-        status, r = webui.call("/lora-trainer/v1/train", {"train_data_dir": str(ds), "output_name": "xl"})
-        assert status == 400 and "SDXL" in r["error"], r
-        _, st = webui.call("/lora-trainer/v1/status")
-        assert st["state"] != "running"
-        assert not (webui.lora_dir / "xl").exists()
-    finally:
-        webui.switch_checkpoint("tiny-sd1")
-
-
 def test_tab_is_registered_and_startup_is_clean(webui):
     status, config = webui.call("/config")
     assert status == 200
