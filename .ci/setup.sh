@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 VENV=.venv
-STAMP=$VENV/.complete-v2
+STAMP=$VENV/.complete-v3
 if [ -f "$STAMP" ]; then exit 0; fi
 "$PY" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip install --disable-pip-version-check -q"

@@ -1,8 +1,9 @@
 """Command line: ``python -m lora_trainer <command>``.
 
 - ``train --config cfg.toml [--set key=value ...]``: train on a checkpoint file (+ its LDM yaml).
-- ``demo [--out DIR] [--set key=value ...]``: a tiny random SD1 model and a synthetic dataset, built on
-  the fly, trained 3 epochs on the CPU; leaves the model, dataset and config.toml in DIR.
+- ``demo [--out DIR] [--model sd1|sdxl] [--set key=value ...]``: a tiny random SD1 (or SDXL) model and a
+  synthetic dataset, built on the fly, trained 3 epochs on the CPU; leaves the model, dataset and
+  config.toml in DIR.
 """
 from __future__ import annotations
 
@@ -112,16 +113,20 @@ class _Validation:
         self.after_value = self._measure(network)
 
 
-def demo_config(out: Path) -> TrainConfig:
-    return TrainConfig(
+def demo_config(out: Path, model: str = "sd1") -> TrainConfig:
+    cfg = TrainConfig(
         train_data_dir=str(out / "dataset"), output_dir=str(out / "output"), output_name="demo",
-        pretrained_model_name_or_path=str(out / "model" / "tiny-sd1.safetensors"),
+        pretrained_model_name_or_path=str(out / "model" / f"tiny-{model}.safetensors"),
         resolution="64", enable_bucket=True, min_bucket_reso=64, max_bucket_reso=128, bucket_reso_steps=64,
         network_dim=8, network_alpha=8.0, learning_rate=1e-3, text_encoder_lr=5e-4, optimizer_type="AdamW",
         lr_scheduler="constant", max_train_epochs=3, train_batch_size=2, mixed_precision="no",
         save_precision="fp16", max_token_length=75, clip_skip=1, seed=42, keep_tokens=1,
         logging_dir=str(out / "logs"), log_prefix="demo-",
         sample_prompts="trigger_a, red circle --w 64 --h 64 --s 8 --l 5 --d 1", sample_every_n_epochs=3)
+    if model == "sdxl":   # the SDXL presets' way: UNet only, text-encoder outputs cached, LoCon
+        cfg = cfg.replace(network_train_unet_only=True, cache_text_encoder_outputs=True, learning_rate=2e-3,
+                          network_args=["conv_dim=8", "conv_alpha=8"])
+    return cfg
 
 
 def cmd_demo(args) -> int:
@@ -129,14 +134,17 @@ def cmd_demo(args) -> int:
     from .ldm_host import load_checkpoint
     t0 = time.time()
     out = Path(args.out).resolve()
-    print(f"building a tiny random SD1 model and a synthetic dataset in {out}", flush=True)
+    print(f"building a tiny random {args.model.upper()} model and a synthetic dataset in {out}", flush=True)
     model_dir = out / "model"
-    ckpt = model_dir / "tiny-sd1.safetensors"
+    ckpt = model_dir / f"tiny-{args.model}.safetensors"
     if not ckpt.is_file():
-        tiny.save_checkpoint(tiny.build_model("sd1", model_dir, seed=0), model_dir, "sd1")
+        if args.model == "sdxl":
+            tiny.save_sdxl_checkpoint(model_dir, "tiny-sdxl", seed=0)
+        else:
+            tiny.save_checkpoint(tiny.build_model("sd1", model_dir, seed=0), model_dir, "sd1")
     if not (out / "dataset").is_dir():
         tiny.make_dataset(out / "dataset")
-    cfg = demo_config(out)
+    cfg = demo_config(out, args.model)
     cfg.save(out / "config.toml")
     cfg = cfg.with_overrides(args.set or [])
     cfg.validate()
@@ -163,6 +171,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default="demo_out", help="folder for the model, dataset, config and outputs")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (TOML syntax)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", choices=("sd1", "sdxl"), default="sd1",
+                   help="the tiny model's architecture (sdxl: the sgm checkpoint layout, diffusers' UNet)")
     p.set_defaults(func=cmd_demo)
     from .post.cli import add_post_commands
     add_post_commands(sub)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,3 +56,17 @@ def test_known_architectures_match_the_webui_yamls():
     assert sd2v["unet_config"]["params"]["use_linear_in_transformer"] is True
     assert all(c["model"]["params"]["unet_config"]["params"]["use_checkpoint"] is False
                for c in (known_config(k) for k in ("sd1", "sd2", "sd2-v")))
+
+
+def test_sdxl_demo_trains_unet_only_with_cached_text_outputs(tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "demo"
+    r = _run(["demo", "--model", "sdxl", "--out", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"validation loss: ([\d.]+) -> ([\d.]+)", r.stdout)
+    assert m and float(m[2]) < float(m[1]) * 0.95, r.stdout
+    assert (out / "model" / "tiny-sdxl.yaml").is_file() and (out / "output" / "sample").is_dir()
+    assert "Traceback" not in r.stderr and "Warning" not in r.stdout + r.stderr, r.stderr
+    from lora_trainer.io.lora_file import load_lora
+    sd, meta = load_lora(out / "output" / "demo.safetensors")
+    assert all(k.startswith("lora_unet_") for k in sd) and meta["ss_base_model_version"] == "sdxl_base_v1-0"

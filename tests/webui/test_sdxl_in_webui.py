@@ -79,17 +79,25 @@ def test_sdxl_through_the_api_and_the_cli(webui, tmp_path):
         _, after = webui.call("/lora-trainer/v1/model-hash")
         assert after["sha256"] == before["sha256"]
         _check_run(webui, "xlfull", base, prompt, "sdxl")
-        # 2. UNet only, text-encoder outputs cached (the SDXL presets' way)
+        # 2. UNet only, text-encoder outputs cached, gradient checkpointing (the SDXL presets' way), under
+        #    the WebUI's Zero Terminal SNR noise schedule
         webui.txt2img(prompt)   # unmerge the LoRA the previous generation left in the weights
         _, before2 = webui.call("/lora-trainer/v1/model-hash")
-        _train(webui, dict(full, output_name="xlunet", network_train_unet_only=True, cache_text_encoder_outputs=True,
-                           shuffle_caption=True))
+        assert webui.call("/sdapi/v1/options", {"sd_noise_schedule": "Zero Terminal SNR"})[0] == 200
+        try:
+            _train(webui, dict(full, output_name="xlunet", network_train_unet_only=True,
+                               cache_text_encoder_outputs=True, shuffle_caption=True, gradient_checkpointing=True))
+        finally:
+            webui.call("/sdapi/v1/options", {"sd_noise_schedule": "Default"})
         _, after2 = webui.call("/lora-trainer/v1/model-hash")
         assert after2["sha256"] == before2["sha256"]
         _check_run(webui, "xlunet", base, prompt, "sdxl")
         from lora_trainer.io.lora_file import load_lora
-        unet_only, _ = load_lora(webui.lora_dir / "xlunet" / "xlunet.safetensors")
+        unet_only, meta = load_lora(webui.lora_dir / "xlunet" / "xlunet.safetensors")
         assert unet_only and all(k.startswith("lora_unet_") for k in unet_only)
+        assert meta["ss_zero_terminal_snr"] == "True" and meta["ss_gradient_checkpointing"] == "True"
+        _, full_meta = load_lora(webui.lora_dir / "xlfull" / "xlfull.safetensors")
+        assert full_meta["ss_zero_terminal_snr"] == "False"
         # 3. the X/Y/Z preset of the run (SDXL: the run's own size unless asked) runs through txt2img
         status, preset = webui.call("/lora-trainer/v1/xyz?folder=xlfull")
         assert status == 200, preset
