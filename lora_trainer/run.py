@@ -198,9 +198,11 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
             if cfg.cache_text_encoder_outputs:
                 progress.phase = "caching"
                 callbacks.progress(progress)
+                varies = data.caption_rules.varies   # shuffled/dropped tags: variants rarely repeat, keep a few on the CPU
                 text_cache = TextEncoderCache(host, max_token_length=cfg.max_token_length, clip_skip=cfg.clip_skip,
-                                              autocast=precision.autocast)
-                if not data.caption_rules.varies:   # every caption known now: encode all, free the GPU
+                                              autocast=precision.autocast, store_device="cpu" if varies else None,
+                                              max_entries=4096 if varies else None)
+                if not varies:   # every caption known now: encode all, free the GPU
                     text_cache.precompute(it.caption for it in data.items)
                     host.offload_text_encoders()
             network = create_network(cfg, host).to(host.device)

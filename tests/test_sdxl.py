@@ -274,3 +274,15 @@ def test_lora_forward_equals_the_file_merged_the_webui_way(module, sdxl_host):
         assert torch.equal(y3, y0) and torch.equal(c3, c0)
     finally:
         host.restore()
+
+
+def test_text_cache_keeps_at_most_max_entries(sd1_host):
+    import contextlib
+    from lora_trainer.train.text_cache import TextEncoderCache
+    cache = TextEncoderCache(sd1_host, max_token_length=75, clip_skip=1, autocast=contextlib.nullcontext,
+                             store_device="cpu", max_entries=2)
+    a = cache.encode(["a, b", "c, d"])
+    cache.encode(["e, f"])                       # "a, b" was the least recently used: dropped
+    assert len(cache) == 2 and "a, b" not in cache.entries and cache.computed == 3
+    again = cache.encode(["a, b", "c, d"])       # recomputed, and equal
+    assert cache.computed == 4 and torch.equal(again, a)

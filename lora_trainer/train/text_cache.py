@@ -8,7 +8,8 @@ with the encoding of an empty chunk, which is what the host's own batched encodi
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional
+from collections import OrderedDict
+from typing import Any, Iterable, List, Optional
 
 import torch
 
@@ -25,13 +26,16 @@ def _seq(entry: Any) -> torch.Tensor:
 
 class TextEncoderCache:
     def __init__(self, host, *, max_token_length: int, clip_skip: int, autocast, store_device=None,
-                 chunk: int = 16):
+                 chunk: int = 16, max_entries: Optional[int] = None):
+        """``max_entries``: keep at most that many (least recently used dropped) - for shuffled captions,
+        whose variants rarely repeat; ``store_device``: where entries live (e.g. the CPU for those)."""
         self.host = host
         self.max_token_length, self.clip_skip = max_token_length, clip_skip
         self.autocast = autocast
         self.store_device = store_device
         self.chunk = chunk
-        self.entries: Dict[str, Any] = {}
+        self.entries: "OrderedDict[str, Any]" = OrderedDict()
+        self.max_entries = max_entries
         self._empty: Optional[torch.Tensor] = None
         self.computed = 0
 
@@ -51,15 +55,29 @@ class TextEncoderCache:
                 self.entries[c] = e
             self.computed += len(part)
 
+    def _evict(self) -> None:
+        while self.max_entries and len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+
     def precompute(self, captions: Iterable[str]) -> None:
         todo = sorted(set(c for c in captions if c not in self.entries))
+        if self.max_entries:
+            todo = todo[: self.max_entries]
         if todo:
             self._compute(todo)
+        self._evict()
 
     def encode(self, captions: List[str], device=None) -> Any:
         """The batch's conditioning, as ``host.encode_tokens`` would give it (no gradients)."""
-        self.precompute(captions)
+        batch = list(dict.fromkeys(captions))
+        for c in batch:
+            if c in self.entries:
+                self.entries.move_to_end(c)
+        todo = [c for c in batch if c not in self.entries]
+        if todo:
+            self._compute(todo)
         entries = [self.entries[c] for c in captions]
+        self._evict()
         lengths = {_seq(e).shape[0] for e in entries}
         if len(lengths) > 1:
             entries = self._pad(entries, max(lengths))
@@ -71,8 +89,8 @@ class TextEncoderCache:
 
     def _pad(self, entries: List[Any], length: int) -> List[Any]:
         if self._empty is None:
-            self.precompute([""])
-            self._empty = _seq(self.entries[""])[:77]
+            self._compute([""])
+            self._empty = _seq(self.entries.pop(""))[:77]
         out = []
         for e in entries:
             seq = _seq(e)
