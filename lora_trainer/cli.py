@@ -1,6 +1,7 @@
 """Command line: ``python -m lora_trainer <command>``.
 
-- ``train --config cfg.toml [--set key=value ...]``: train on a checkpoint file (+ its LDM yaml).
+- ``train --config cfg.toml [--set key=value ...] [--resume [STATE]]``: train on a checkpoint file (+ its
+  yaml); ``--resume`` continues the run from its training state.
 - ``demo [--out DIR] [--model sd1|sdxl] [--set key=value ...]``: a tiny random SD1 (or SDXL) model and a
   synthetic dataset, built on the fly, trained 3 epochs on the CPU; leaves the model, dataset and
   config.toml in DIR.
@@ -47,6 +48,8 @@ def _print_progress(p) -> None:
 def cmd_train(args) -> int:
     from .ldm_host import load_checkpoint
     cfg = TrainConfig.load(args.config).with_overrides(args.set or [])
+    if args.resume:
+        cfg = cfg.replace(resume=args.resume)
     _report_unknown(cfg)
     cfg.validate()
     if not cfg.pretrained_model_name_or_path:
@@ -166,6 +169,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--config", required=True, help="TOML config (sd-scripts names)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (TOML syntax)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="STATE",
+                   help="continue from the run's training state (default: <output_dir>/<output_name>.trainstate)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo", help="train a tiny random model on a synthetic dataset (CPU, under a minute)")
     p.add_argument("--out", default="demo_out", help="folder for the model, dataset, config and outputs")

@@ -44,6 +44,9 @@ class TrainConfig:
     save_model_as: str = _f("safetensors", "Only safetensors is written.", "saving")
     save_precision: str = _f("fp16", "Precision of the saved file: float, fp16 or bf16.", "saving")
     save_every_n_epochs: int = _f(1, "Write an epoch file every N epochs (the last epoch is always written).", "saving")
+    save_state: bool = _f(True, "Write the training state (<output_name>.trainstate beside the epochs) at each epoch end, on the timer and on Stop, so the run can be resumed.", "saving")
+    save_state_every_n_minutes: float = _f(10.0, "Also write the training state this often during an epoch (0: only at epoch ends and on Stop).", "saving")
+    resume: str = _f("", "Continue a run from its training state: 'auto' (this run's own <output_name>.trainstate) or a state file's path.", "saving")
     save_last_n_epochs: Optional[int] = _f(None, "Keep only the last N epoch files; empty keeps all.", "saving")
     training_comment: str = _f("", "Free text stored in the file's metadata.", "saving")
     # --- resolution & buckets ------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +28,11 @@ from .optim import build as build_optimizer, eval_mode, setting_problems, settin
     warmup_steps
 from .sampling import parse_prompts
 from .train.checkpointing import gradient_checkpointing
-from .train.loop import EpochHooks, StepSettings, run_epochs
+from .train.loop import EpochHooks, LoopState, ResumePoint, StepSettings, run_epochs
 from .train.precision import Precision
 from .train.progress import Callbacks, Commands, Progress
 from .train.text_cache import TextEncoderCache
+from .train import state as train_state
 from .train.tb_log import TBLogger
 
 log = logging.getLogger(__name__)
@@ -178,7 +180,16 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
         result.warnings.append(w)
     precision = Precision(cfg.mixed_precision, host.device)  # refuses what this device/torch can't do
     out_dir = Path(cfg.output_dir)
+    state_file = train_state.state_path(out_dir, cfg.output_name)
+    saved_state = None
+    if cfg.resume:
+        saved_state = train_state.load(state_file if cfg.resume.strip().lower() in ("auto", "latest", "true")
+                                       else Path(cfg.resume))
+        if saved_state.get("epoch", 1) > pl.epochs and saved_state.get("step", 0) >= pl.total_steps:
+            raise UserError(f"The run already finished its {pl.epochs} epochs ({saved_state.get('step')} steps): raise "
+                            "max_train_epochs (or max_train_steps) to train it further.")
     out_dir.mkdir(parents=True, exist_ok=True)
+    _clean_stale_temp_files(out_dir)
     prompts = parse_prompts(cfg.sample_prompts, cfg.resolution_wh()) if cfg.sample_every_n_epochs else []
 
     torch.manual_seed(cfg.seed)
@@ -234,6 +245,27 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
             progress.total_epochs = pl.epochs
             progress.total_steps = pl.total_steps
             saver = _Saver(cfg, network, metadata, out_dir, result, progress, on_saved)
+            fingerprints = {"model": {k: v for k, v in host.model_info().items() if k in ("sd_model_name", "sd_model_hash")},
+                            "vae": host.vae_fingerprint(), "network": train_state.network_shape(network),
+                            "dataset": train_state.dataset_fingerprint(data.items)}
+            resume_point = None
+            if saved_state is not None:
+                resume_point = _restore(saved_state, cfg, fingerprints, network, optimizer, schedule, precision,
+                                        saver, result, progress, host.device)
+            last_state_write = [time.time()]
+
+            def on_checkpoint(epoch_at, batches_done, loop_state, caption_rng, stopping, flush):
+                """Write the training state at epoch ends (stopping None), on Stop, and when the timer is due."""
+                if not cfg.save_state:
+                    return
+                timer = cfg.save_state_every_n_minutes
+                due = stopping is None or stopping or (timer > 0 and time.time() - last_state_write[0] >= timer * 60)
+                if not due:
+                    return
+                flush()
+                _write_state(state_file, cfg, fingerprints, network, optimizer, schedule, precision, saver, progress,
+                             epoch_at, batches_done, loop_state, caption_rng, pl, finished=False)
+                last_state_write[0] = time.time()
 
             def on_epoch_end(epoch: int, steps: int) -> None:
                 with eval_mode(optimizer):
@@ -247,11 +279,13 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
                 callbacks.progress(progress)
 
             with gradient_checkpointing(host.checkpoint_blocks(), cfg.gradient_checkpointing):
+                if resume_point is not None:   # every generator as it was at the saved point
+                    train_state.set_rng_state(saved_state["rng"], random.Random())
                 state = run_epochs(host=host, network=network, data=data, optimizer=optimizer, schedule=schedule,
                                    precision=precision, s=settings, epochs=pl.epochs, total_steps=pl.total_steps,
                                    progress=progress, callbacks=callbacks, commands=commands,
-                                   hooks=EpochHooks(on_epoch_end), tb=tb, seed=cfg.seed,
-                                   encode_images=host.encode_images, text_cache=text_cache)
+                                   hooks=EpochHooks(on_epoch_end, on_checkpoint), tb=tb, seed=cfg.seed,
+                                   encode_images=host.encode_images, text_cache=text_cache, resume=resume_point)
             result.steps_done = state.step
             result.stopped = progress.stopped
             result.epochs_done = len(progress.epoch_losses)
@@ -260,6 +294,8 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
             with eval_mode(optimizer):
                 if not result.stopped:
                     result.final_file = saver.save_final(result.epochs_done, state.step)
+                    if cfg.save_state and state_file.is_file():   # finished: a later resume may add epochs
+                        _mark_finished(state_file)
                 progress.phase = "stopped" if result.stopped else "done"
                 callbacks.progress(progress)
                 if before_restore is not None:
@@ -271,6 +307,70 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
             tb.close()
             network = None
     return result
+
+
+def _clean_stale_temp_files(out_dir: Path) -> None:
+    """Temporary files an earlier crash left behind (atomic writes name them ``.<file>.<random>.tmp``)."""
+    for p in out_dir.glob(".*.tmp"):
+        try:
+            p.unlink()
+            log.info("removed %s, left by an interrupted write", p.name)
+        except OSError:
+            pass
+
+
+def _write_state(path: Path, cfg: TrainConfig, fingerprints, network, optimizer, schedule, precision, saver,
+                 progress: Progress, epoch_at: int, batches_done: int, loop_state: LoopState, caption_rng,
+                 pl: Plan, finished: bool) -> None:
+    st = {
+        "config": cfg.to_dict(), "fingerprints": fingerprints, "finished": finished,
+        "epoch": epoch_at, "batches_done": batches_done, "step": loop_state.step, "total_steps": pl.total_steps,
+        "epoch_sum": float(loop_state.epoch_sum) if loop_state.epoch_sum is not None else None,
+        "epoch_count": loop_state.epoch_count,
+        "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+        "scaler": precision.scaler.state_dict() if precision.scaler is not None else None,
+        "rng": train_state.rng_state(caption_rng),
+        "epoch_losses": list(progress.epoch_losses), "step_losses": list(progress.step_losses),
+        "epoch_files": [str(p) for p in saver.epoch_files],
+    }
+    train_state.save(path, st)
+
+
+def _mark_finished(path: Path) -> None:
+    try:
+        st = train_state.load(path)
+        st.pop("path", None)
+        st["finished"] = True
+        train_state.save(path, st)
+    except UserError:
+        pass
+
+
+def _restore(st, cfg: TrainConfig, fingerprints, network, optimizer, schedule, precision, saver, result: RunResult,
+             progress: Progress, device) -> ResumePoint:
+    """Put the saved state into this run (after checking it may continue from it)."""
+    problems = train_state.compatibility_problems(
+        st, config=cfg.to_dict(), model=fingerprints["model"], vae=fingerprints["vae"],
+        network=fingerprints["network"], dataset=fingerprints["dataset"])
+    if problems:
+        raise ConfigError([f"cannot resume from {Path(st['path']).name}: {p}" for p in problems])
+    network.load_state_dict({k: v.to(device) for k, v in st["network"].items()})
+    optimizer.load_state_dict(st["optimizer"])
+    schedule.load_state_dict(st["schedule"])
+    if precision.scaler is not None and st.get("scaler"):
+        precision.scaler.load_state_dict(st["scaler"])
+    saver.epoch_files = [Path(p) for p in st.get("epoch_files", []) if Path(p).is_file()]
+    result.files += saver.epoch_files
+    progress.files += [str(p) for p in saver.epoch_files]
+    progress.epoch_losses += [tuple(x) for x in st.get("epoch_losses", [])]
+    progress.step_losses += [tuple(x) for x in st.get("step_losses", [])]
+    loop = LoopState(step=st["step"], micro_step=0, epoch_count=st.get("epoch_count", 0),
+                     epoch_sum=torch.tensor(st["epoch_sum"], device=device) if st.get("epoch_sum") is not None else None)
+    log.info("resuming from %s: epoch %d, %d batches into it, step %d", st["path"], st["epoch"], st["batches_done"],
+             st["step"])
+    return ResumePoint(epoch=st["epoch"], batches_done=st["batches_done"], loop=loop,
+                       caption_rng_state=train_state._tuplify(st["rng"]["python_caption"]))
 
 
 class _Saver:

@@ -88,25 +88,53 @@ def optimizer_step(network, optimizer, schedule, precision: Precision, params: L
 
 @dataclass
 class EpochHooks:
-    """What happens between epochs (saving, samples): supplied by run.py."""
+    """What happens between epochs (saving, samples) and between steps (training-state checkpoints):
+    supplied by run.py. ``on_checkpoint(epoch, batches_done, state, caption_rng, stopping, flush=)`` is
+    called at accumulation boundaries and epoch ends (``stopping`` None); it decides itself whether to
+    write (timer, Stop, epoch end), calling ``flush()`` first to read pending losses back."""
     on_epoch_end: Callable[[int, int], None]
+    on_checkpoint: Optional[Callable[..., None]] = None
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: ``epoch`` is the epoch in progress (its first ``batches_done``
+    batches are done), the loop state and caption generator as they were then."""
+    epoch: int
+    batches_done: int
+    loop: LoopState
+    caption_rng_state: Any = None
 
 
 def run_epochs(*, host, network, data, optimizer, schedule, precision: Precision, s: StepSettings, epochs: int,
                total_steps: int, progress: Progress, callbacks: Callbacks, commands: Commands, hooks: EpochHooks,
-               tb=None, seed: int = 0, sync_every: int = 10, encode_images=None, text_cache=None) -> LoopState:
-    state = LoopState()
+               tb=None, seed: int = 0, sync_every: int = 10, encode_images=None, text_cache=None,
+               resume: Optional[ResumePoint] = None) -> LoopState:
+    state = resume.loop if resume is not None else LoopState()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     caption_rng = random.Random(seed)
+    if resume is not None and resume.caption_rng_state is not None:
+        caption_rng.setstate(resume.caption_rng_state)
+    first_epoch = resume.epoch if resume is not None else 1
     t0 = time.time()
     network.train()
     optimizer.zero_grad(set_to_none=True)
     progress.phase = "training"
     stop = False
-    for epoch in range(1, epochs + 1):
+    checkpoint_hook = hooks.on_checkpoint
+
+    def checkpoint(epoch_at, batches_done, st, rng, stopping):
+        if checkpoint_hook is not None:
+            checkpoint_hook(epoch_at, batches_done, st, rng, stopping,
+                            flush=lambda: _flush(st, progress, optimizer, tb))
+    for epoch in range(first_epoch, epochs + 1):
         progress.epoch = epoch
-        state.epoch_sum, state.epoch_count = None, 0
-        for batch in data.epoch_batches(epoch):
+        skip = resume.batches_done if (resume is not None and epoch == resume.epoch) else 0
+        if not skip:
+            state.epoch_sum, state.epoch_count = None, 0
+        for index, batch in enumerate(data.epoch_batches(epoch)):
+            if index < skip:
+                continue
             if state.step >= total_steps:
                 break
             latents = data.batch_latents(batch, encode_images).to(host.device)
@@ -121,16 +149,22 @@ def run_epochs(*, host, network, data, optimizer, schedule, precision: Precision
             state.micro_step += 1
             state.epoch_sum = loss if state.epoch_sum is None else state.epoch_sum + loss
             state.epoch_count += 1
-            if state.micro_step % s.gradient_accumulation_steps == 0:
+            boundary = state.micro_step % s.gradient_accumulation_steps == 0
+            if boundary:
                 stats = optimizer_step(network, optimizer, schedule, precision, params, s)
                 state.step += 1
                 state.pending.append((state.step, loss, stats))
                 if state.step % sync_every == 0:
                     _flush(state, progress, optimizer, tb)
                     _report(progress, state, total_steps, t0, callbacks)
-            if commands.stop_requested():
-                stop = True
-                break
+            # a stop takes effect at an accumulation boundary, where the state is complete
+            if boundary:
+                stop = commands.stop_requested()
+                if stop:
+                    _flush(state, progress, optimizer, tb)
+                checkpoint(epoch, index + 1, state, caption_rng, stop)
+                if stop:
+                    break
         if state.micro_step % s.gradient_accumulation_steps:  # an epoch's last partial accumulation
             stats = optimizer_step(network, optimizer, schedule, precision, params, s)
             state.step += 1
@@ -149,7 +183,9 @@ def run_epochs(*, host, network, data, optimizer, schedule, precision: Precision
                 tb.scalar("loss/epoch", mean, epoch)
         _report(progress, state, total_steps, t0, callbacks)
         hooks.on_epoch_end(epoch, state.step)
-        if state.step >= total_steps:
+        stop = commands.stop_requested()   # asked during the epoch's last partial accumulation: after the epoch
+        checkpoint(epoch + 1, 0, state, caption_rng, None)   # None: an epoch end (always written)
+        if stop or state.step >= total_steps:
             break
     progress.stopped = stop
     return state

@@ -47,6 +47,7 @@ SECTIONS: List[Tuple[str, str, List[List[str]], bool]] = [
     ("saving", "Saving", [
         ["output_name", "save_precision"],
         ["save_every_n_epochs", "save_last_n_epochs"],
+        ["save_state", "save_state_every_n_minutes"],
         ["training_comment"]], True),
     ("logs", "Samples & logs", [
         ["sample_prompts"],
@@ -61,6 +62,7 @@ HIDDEN: Dict[str, str] = {
     "v2": "detected from the loaded checkpoint",
     "v_parameterization": "detected from the loaded checkpoint",
     "vae": "the loaded VAE is used",
+    "resume": "the Resume button (unfinished runs) sets it for one run",
     "zero_terminal_snr": "the WebUI's Noise schedule setting (Settings > Sampler parameters) is used",
     "output_dir": "the WebUI writes to the Lora folder, in a folder named after output_name",
     "save_model_as": "only safetensors is written",
