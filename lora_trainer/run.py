@@ -182,9 +182,10 @@ def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, comm
     out_dir = Path(cfg.output_dir)
     state_file = train_state.state_path(out_dir, cfg.output_name)
     saved_state = None
-    if cfg.resume:
-        saved_state = train_state.load(state_file if cfg.resume.strip().lower() in ("auto", "latest", "true")
-                                       else Path(cfg.resume))
+    want = cfg.resume.strip()
+    if want and want.lower() not in ("false", "no", "0"):   # JSON true/false reach this str field as "True"/"False"
+        saved_state = train_state.load(state_file if want.lower() in ("auto", "latest", "true", "yes", "1")
+                                       else Path(want))
         if saved_state.get("epoch", 1) > pl.epochs and saved_state.get("step", 0) >= pl.total_steps:
             raise UserError(f"The run already finished its {pl.epochs} epochs ({saved_state.get('step')} steps): raise "
                             "max_train_epochs (or max_train_steps) to train it further.")
@@ -323,7 +324,7 @@ def _write_state(path: Path, cfg: TrainConfig, fingerprints, network, optimizer,
                  progress: Progress, epoch_at: int, batches_done: int, loop_state: LoopState, caption_rng,
                  pl: Plan, finished: bool) -> None:
     st = {
-        "config": cfg.to_dict(), "fingerprints": fingerprints, "finished": finished,
+        "config": cfg.to_dict(), "output_name": cfg.output_name, "fingerprints": fingerprints, "finished": finished,
         "epoch": epoch_at, "batches_done": batches_done, "step": loop_state.step, "total_steps": pl.total_steps,
         "epoch_sum": float(loop_state.epoch_sum) if loop_state.epoch_sum is not None else None,
         "epoch_count": loop_state.epoch_count,

@@ -10,7 +10,6 @@ later stop are fine.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 from pathlib import Path
@@ -69,11 +68,60 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+# The file is safetensors (tensors) + its metadata (everything else as JSON, tensors by reference): it
+# loads without unpickling, so the WebUI's safe-unpickler hook on torch.load does not reject it.
+def _encode(obj, tensors: Dict[str, torch.Tensor]):
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"__map__": {k: _encode(v, tensors) for k, v in obj.items()}}
+        return {"__pairs__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__tuple__" if isinstance(obj, tuple) else "__list__": [_encode(v, tensors) for v in obj]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a training state")
+
+
+def _decode(obj, tensors):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__map__" in obj:
+            return {k: _decode(v, tensors) for k, v in obj["__map__"].items()}
+        if "__pairs__" in obj:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__pairs__"]}
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__list__" in obj:
+            return [_decode(v, tensors) for v in obj["__list__"]]
+    return obj
+
+
 def save(path: Path, state: Dict[str, Any]) -> None:
+    from safetensors.torch import save as st_save
     from ..io.atomic import atomic_write_bytes
-    buf = io.BytesIO()
-    torch.save(dict(state, format=FORMAT), buf)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    tensors: Dict[str, torch.Tensor] = {}
+    structure = json.dumps(_encode(dict(state, format=FORMAT), tensors))
+    if not tensors:
+        tensors["_"] = torch.zeros(1)
+    atomic_write_bytes(Path(path), st_save(tensors, metadata={"format": FORMAT, "state": structure}))
+
+
+def _read(path: Path, with_tensors: bool = True) -> Dict[str, Any]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
+    structure = json.loads(meta["state"])
+    if not with_tensors:   # the plain values only (for listing runs)
+        return {k: v for k, v in structure["__map__"].items() if not isinstance(v, dict)}
+    return _decode(structure, tensors)
 
 
 def load(path: Path) -> Dict[str, Any]:
@@ -88,12 +136,11 @@ def load(path: Path) -> Dict[str, Any]:
         raise UserError(f"No training state at {path}: this run has not saved one yet (states are written at each "
                         "epoch end, on the timer and on Stop). Start the run without resume.")
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=False)
+        state = _read(path)
     except Exception as e:
-        raise UserError(f"{path.name} cannot be read ({type(e).__name__}): it is damaged. Resume from an epoch file "
-                        "instead (network_weights = that file) or start again.") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"{path.name} is not a training state of this trainer (format {state.get('format') if isinstance(state, dict) else '?'}).")
+        raise UserError(f"{path.name} is not a readable training state of this trainer ({type(e).__name__}: it is "
+                        "damaged or another program's). Resume from an epoch file instead (network_weights = that "
+                        "file) or start again.") from None
     state["path"] = str(path)
     return state
 
@@ -131,11 +178,11 @@ def unfinished_runs(root: Path) -> List[Dict[str, Any]]:
         return out
     for p in Path(root).rglob(f"*{STATE_SUFFIX}"):
         try:
-            s = torch.load(str(p), map_location="cpu", weights_only=False)
+            s = _read(p, with_tensors=False)
         except Exception:
             continue
-        if isinstance(s, dict) and s.get("format") == FORMAT and not s.get("finished"):
-            out.append({"path": str(p), "output_name": s.get("config", {}).get("output_name", p.stem),
+        if not s.get("finished"):
+            out.append({"path": str(p), "output_name": s.get("output_name") or p.stem,
                         "epoch": s.get("epoch", 0), "step": s.get("step", 0),
                         "total_steps": s.get("total_steps", 0), "mtime": p.stat().st_mtime})
     return sorted(out, key=lambda r: -r["mtime"])

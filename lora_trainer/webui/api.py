@@ -5,6 +5,7 @@
 - ``GET /lora-trainer/v1/status``: state, run_id, epoch, step, total_steps, loss, files, error, ...
 - ``POST /lora-trainer/v1/stop``
 - ``GET /lora-trainer/v1/xyz?run_id=&weights=&seeds=``: the X/Y/Z preset as prompt, infotext and script args.
+- ``GET /lora-trainer/v1/unfinished``, ``POST /lora-trainer/v1/resume``: runs that can be resumed; resume one.
 
 Behind the WebUI's ``--api-auth`` when it is set (HTTP basic, as the WebUI's own API).
 """
@@ -87,6 +88,24 @@ def register(_demo, app) -> None:
             m = shared.sd_model
             return {"sha256": model_state_hash([m.model.diffusion_model, m.cond_stage_model, m.first_stage_model])}
 
+    def unfinished():
+        """Runs with a training state that did not finish (e.g. the WebUI was restarted mid-run), newest first."""
+        return {"runs": runtime.unfinished_runs()}
+
+    def resume(body: dict = Body(...)):
+        """Continue an unfinished run from its state: ``{"state": path}`` or ``{"output_name": name}`` (the newest
+        state of that name); the run's own config is used, with ``overrides`` (more epochs, a later stop)."""
+        try:
+            run_id = runtime.resume_run(state=body.get("state") or "", output_name=body.get("output_name") or "",
+                                        overrides=body.get("overrides") or {})
+        except Busy as e:
+            return JSONResponse({"error": str(e)}, status_code=409)
+        except UserError as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        return {"run_id": run_id}
+
+    app.add_api_route(f"{PREFIX}/unfinished", unfinished, methods=["GET"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/resume", resume, methods=["POST"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/model-hash", model_hash, methods=["GET"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/train", train, methods=["POST"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/status", status, methods=["GET"], dependencies=deps)

@@ -93,6 +93,28 @@ def start_training(cfg: TrainConfig) -> str:
     return get_service().start(cfg)
 
 
+def unfinished_runs() -> List[dict]:
+    """Training states under the Lora folder whose run did not finish (newest first)."""
+    from ..train.state import unfinished_runs as find
+    return find(lora_dir())
+
+
+def resume_run(state: str = "", output_name: str = "", overrides: Optional[dict] = None) -> str:
+    """Start a run again from its training state, with the config it was saved with (+ ``overrides``)."""
+    from ..train import state as train_state
+    if not state:
+        runs = [r for r in unfinished_runs() if not output_name or r["output_name"] == output_name]
+        if not runs:
+            raise UserError(f"No unfinished run{' named ' + repr(output_name) if output_name else ''} under "
+                            f"{lora_dir()}: nothing to resume.")
+        state = runs[0]["path"]
+    st = train_state.load(Path(state))
+    data = dict(st.get("config", {}))
+    data.update(overrides or {})
+    data["resume"] = st["path"]
+    return start_training(TrainConfig.from_dict(data))
+
+
 def stop_training() -> bool:
     return get_service().stop()
 

@@ -160,6 +160,16 @@ def _build_run(ui: _UI) -> None:
     with gr.Row(elem_id="lora_trainer_buttons"):
         ui.c["train"] = gr.Button("Train", variant="primary", elem_id="lora_trainer_train")
         ui.c["stop"] = gr.Button("Stop", variant="stop", elem_id="lora_trainer_stop")
+    with gr.Row(elem_id="lora_trainer_resume_row"):
+        ui.c["resume_run"] = gr.Dropdown(label="Unfinished runs", choices=act.unfinished_choices(), value=None,
+                                         scale=3, info="Runs with a saved training state that did not finish "
+                                         "(a WebUI restart, a crash, Stop). Resume continues where the state was saved.",
+                                         elem_id="lora_trainer_resume_run")
+        from modules.ui_components import ToolButton
+        ui.c["resume_refresh"] = ToolButton("🔄", elem_id="lora_trainer_resume_refresh",
+                                            tooltip="Refresh unfinished runs")
+        with gr.Column(scale=0, min_width=130):
+            ui.c["resume"] = gr.Button("Resume", elem_id="lora_trainer_resume")
     ui.c["train_msg"] = gr.Markdown("", elem_id="lora_trainer_train_msg")
     ui.c["status"] = gr.HTML(act.status_html({"state": "idle"}), elem_id="lora_trainer_status")
     ui.c["chart"] = gr.LinePlot(x="step", y="loss", color="series", title="Loss", show_label=False, width=440,
@@ -288,6 +298,9 @@ def _wire_run(ui: _UI, blocks) -> None:
     c = ui.c
     c["train"].click(lambda *a: act.train(_values(a)), ui.field_list(), [c["train_msg"]], show_progress="hidden")
     c["stop"].click(act.stop, None, [c["train_msg"]], show_progress="hidden")
+    c["resume"].click(act.resume, [c["resume_run"]], [c["train_msg"]], show_progress="hidden")
+    c["resume_refresh"].click(lambda: gr.update(choices=act.unfinished_choices()), None, [c["resume_run"]],
+                              show_progress="hidden")
     outputs = [c["status"], c["chart"], c["files"], c["gallery"], c["xyz_folder"], c["model"], c["seen"]]
 
     def poll(seen):

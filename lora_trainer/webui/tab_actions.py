@@ -191,6 +191,27 @@ def train(values: Dict[str, Any]) -> str:
     return f"Started run `{run_id}`."
 
 
+def unfinished_choices() -> List[str]:
+    """'name: epoch E, step S/T — path' for each unfinished run (the tab's Resume list)."""
+    try:
+        from . import runtime
+        return [f"{r['output_name']}: epoch {r['epoch']}, step {r['step']}/{r['total_steps']} — {r['path']}"
+                for r in runtime.unfinished_runs()]
+    except Exception:
+        return []
+
+
+def resume(choice: str) -> str:
+    from . import runtime
+    if not choice:
+        return "Choose an unfinished run first."
+    try:
+        run_id = runtime.resume_run(state=choice.rsplit(" — ", 1)[-1])
+    except Exception as e:
+        return error_text(e, "Resuming the run")
+    return f"Resumed run `{run_id}`."
+
+
 def stop() -> str:
     from . import runtime
     try:
