@@ -152,10 +152,53 @@ def epoch_file_name(output_name: str, epoch: int) -> str:
     return f"{output_name}-{epoch:06d}"
 
 
-def train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, commands: Optional[Commands] = None,
-          progress: Optional[Progress] = None, before_restore: Optional[Callable[[LoRANetwork], None]] = None,
-          on_saved: Optional[Callable[[Path, Dict[str, str]], None]] = None) -> RunResult:
-    """Train a LoRA as ``cfg`` says on ``host``. Raises :class:`UserError` for anything the user can fix."""
+OOM_MESSAGE = ("The GPU ran out of memory during training ({detail}). The model is restored and the memory freed. "
+               "To fit: lower train_batch_size or resolution (max_bucket_reso), turn on gradient_checkpointing and "
+               "cache_latents, use an 8-bit optimizer (AdamW8bit), train the UNet only with cache_text_encoder_outputs, "
+               "or pick the preset for a smaller card.")
+
+
+def _is_oom(e: BaseException) -> bool:
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom_type is not None and isinstance(e, oom_type)) or \
+        (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def train(cfg: TrainConfig, host, **kwargs) -> RunResult:
+    """Train a LoRA as ``cfg`` says on ``host``. Raises :class:`UserError` for anything the user can fix.
+
+    However a run ends, the model is restored (inside ``_train``); a run that fails leaves no folder it
+    created empty behind; running out of GPU memory becomes a message naming what lowers memory."""
+    from . import faults
+    faults.arm()
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    existed = out_dir is None or out_dir.exists()
+    detail = None
+    try:
+        return _train(cfg, host, **kwargs)
+    except BaseException as e:
+        if not existed:
+            _remove_if_empty(out_dir)
+        if not _is_oom(e):
+            raise
+        detail = str(e).splitlines()[0][:200]
+    # outside the except block: the failed step's frames (and their GPU tensors) are released now
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    raise UserError(OOM_MESSAGE.format(detail=detail))
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    except OSError:
+        pass
+
+
+def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, commands: Optional[Commands] = None,
+           progress: Optional[Progress] = None, before_restore: Optional[Callable[[LoRANetwork], None]] = None,
+           on_saved: Optional[Callable[[Path, Dict[str, str]], None]] = None) -> RunResult:
     cfg.validate()
     callbacks = callbacks or Callbacks()
     commands = commands or Commands()

@@ -18,6 +18,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as f:
+            from .. import faults
+            faults.maybe_raise("write")
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

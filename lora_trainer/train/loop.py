@@ -8,6 +8,7 @@ in blocks (``sync_every``), so the step can later be captured whole (CUDA graphs
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from .. import faults
 from .noise import add_noise, make_noise, min_snr_weight, per_sample_mse, target_for
 from .precision import Precision
 from .progress import Callbacks, Commands, Progress
@@ -65,7 +67,10 @@ def train_step(host, precision: Precision, s: StepSettings, latents: torch.Tenso
     with precision.autocast():
         pred = host.denoise(noisy, timesteps, cond)
     target = target_for(host.prediction_type, latents, noise, timesteps, acp)
+    faults.maybe_raise("step")
     loss = per_sample_mse(pred, target)
+    if faults.hit("loss") == "nan":
+        loss = loss * float("nan")
     if s.min_snr_gamma:
         loss = loss * min_snr_weight(timesteps, acp, s.min_snr_gamma, host.prediction_type)
     loss = loss.mean()
@@ -197,6 +202,14 @@ def _flush(state: LoopState, progress: Progress, optimizer, tb) -> None:
         return
     steps = [p[0] for p in state.pending]
     losses = torch.stack([p[1].float() for p in state.pending]).cpu().tolist()
+    bad = next((st for st, lo in zip(steps, losses) if not math.isfinite(lo)), None)
+    if bad is not None:
+        from ..errors import TrainingDiverged
+        state.pending.clear()
+        raise TrainingDiverged(
+            f"The loss became NaN/Inf at step {bad}: the run stopped and nothing from that point on was saved; the "
+            "epoch files written before are intact (and the training state is the last good one). Lower the learning "
+            "rate, use bf16 instead of fp16, or set max_grad_norm = 1.")
     stats = [p[2] for p in state.pending if p[2] is not None]
     state.pending.clear()
     lrs = [g["lr"] for g in optimizer.param_groups]
