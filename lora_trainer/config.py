@@ -106,7 +106,7 @@ class TrainConfig:
     max_data_loader_n_workers: int = _f(0, "Accepted for compatibility; images are prepared in-process.", "precision")
     persistent_data_loader_workers: bool = _f(False, "Accepted for compatibility.", "precision")
     xformers: bool = _f(False, "Accepted for compatibility; the host's attention (SDPA) is used.", "precision")
-    sdpa: bool = _f(True, "Accepted for compatibility; the host's attention (SDPA) is used.", "precision")
+    sdpa: bool = _f(True, "CLI (SD1/SD2): run ldm's attention through torch's scaled_dot_product_attention (fused, no stored score matrices); false keeps ldm's einsum. SDXL's diffusers UNet always uses SDPA; the WebUI keeps its own setting.", "precision")
     # --- samples & logs ------------------------------------------------------------------
     logging_dir: str = _f("", "TensorBoard log folder; empty turns logging off.", "logs")
     log_prefix: str = _f("", "Prefix of the run's log folder name.", "logs")

@@ -124,6 +124,10 @@ class BaseHost:
             setattr(m, attr, True)
 
     # -------------------------------------------------------------- optional features
+    def attention(self, sdpa: bool = True):
+        """A context for the run's attention kernel (the WebUI host keeps the WebUI's)."""
+        return contextlib.nullcontext(0)
+
     def checkpoint_blocks(self) -> List[nn.Module]:
         """Blocks that gradient checkpointing wraps (recomputed in backward)."""
         blocks: List[nn.Module] = []

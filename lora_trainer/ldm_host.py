@@ -95,6 +95,12 @@ class LDMHost(BaseHost):
     def extra_modules(self) -> List[nn.Module]:
         return [self.vae]
 
+    def attention(self, sdpa: bool = True):
+        """ldm's attention is einsum + softmax; with ``sdpa`` (the config's) the UNet's attention runs
+        through torch's scaled_dot_product_attention for the run."""
+        from .attention import sdpa_attention
+        return sdpa_attention(self.unet, sdpa)
+
     # -------------------------------------------------------------- images
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -322,7 +322,8 @@ def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, com
                 progress.phase = "training"
                 callbacks.progress(progress)
 
-            with gradient_checkpointing(host.checkpoint_blocks(), cfg.gradient_checkpointing):
+            with gradient_checkpointing(host.checkpoint_blocks(), cfg.gradient_checkpointing), \
+                    host.attention(cfg.sdpa):
                 if resume_point is not None:   # every generator as it was at the saved point
                     train_state.set_rng_state(saved_state["rng"], random.Random())
                 state = run_epochs(host=host, network=network, data=data, optimizer=optimizer, schedule=schedule,
