@@ -183,6 +183,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_post_commands(sub)
     from .lr_plot import add_lr_plot_command
     add_lr_plot_command(sub)
+    from .bench import add_bench_command
+    add_bench_command(sub)
     args = parser.parse_args(argv)
     if getattr(args, "verbose", False):
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
