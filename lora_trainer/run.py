@@ -23,6 +23,7 @@ from .dataset.train_data import TrainData
 from .errors import ConfigError, TrainingDiverged, UserError
 from .io.lora_file import NonFiniteWeights, load_lora, save_lora, zero_tensors
 from .io.metadata import build_metadata, per_save
+from .memory import MemoryWatch
 from .networks.network import LoRANetwork
 from .optim import build as build_optimizer, eval_mode, setting_problems, setting_warnings, train_mode, \
     warmup_steps
@@ -242,6 +243,7 @@ def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, com
     network = None
     with host.exclusive():
         host.prepare()
+        watch = MemoryWatch(host.modules(), host.device)
         try:
             if cfg.cache_latents:
                 progress.phase = "caching"
@@ -312,6 +314,8 @@ def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, com
                 last_state_write[0] = time.time()
 
             def on_epoch_end(epoch: int, steps: int) -> None:
+                progress.memory = watch.sample()
+                progress.memory_text = watch.text()
                 with eval_mode(optimizer):
                     if epoch % cfg.save_every_n_epochs == 0 or epoch == pl.epochs or steps >= pl.total_steps:
                         progress.phase = "saving"
@@ -331,6 +335,8 @@ def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, com
                                    progress=progress, callbacks=callbacks, commands=commands,
                                    hooks=EpochHooks(on_epoch_end, on_checkpoint), tb=tb, seed=cfg.seed,
                                    encode_images=host.encode_images, text_cache=text_cache, resume=resume_point)
+            progress.memory = watch.sample()
+            progress.memory_text = watch.text()
             result.steps_done = state.step
             result.stopped = progress.stopped
             result.epochs_done = len(progress.epoch_losses)

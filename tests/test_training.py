@@ -198,3 +198,19 @@ def test_models_built_with_ldm_checkpointing_still_train_every_lora(tmp_path, ti
     attn = [k for k in sd if "attentions" in k and k.endswith("lora_up.weight")]
     assert attn and all(sd[k].abs().max() > 0 for k in attn)   # every transformer-block LoRA trained
     assert all(m.checkpoint is True for m in flags)              # and the model's flags are back
+
+
+def test_run_reports_memory_and_keeps_the_model_storage(sd1_host, tiny_cfg):
+    """No second copy of any model weight: every UNet/TE/VAE tensor keeps its storage through the run."""
+    from lora_trainer.memory import storage_fingerprint
+    before = storage_fingerprint(sd1_host.modules())
+    progress = None
+
+    def grab(p):
+        nonlocal progress
+        progress = p
+    train(tiny_cfg.replace(max_train_epochs=1), sd1_host, callbacks=Callbacks(grab))
+    assert progress.memory["model_storage_unchanged"] is True
+    assert progress.memory["model_storage"] == before == storage_fingerprint(sd1_host.modules())
+    assert progress.memory["rss_peak_mb"] >= progress.memory["rss_idle_mb"] > 0
+    assert "same storage, no copy" in progress.memory_text

@@ -30,6 +30,8 @@ class Progress:
     samples: List[str] = field(default_factory=list)
     step_losses: List[tuple] = field(default_factory=list)    # (step, loss) synced so far
     epoch_losses: List[tuple] = field(default_factory=list)   # (epoch, mean loss)
+    memory: dict = field(default_factory=dict)                 # lora_trainer.memory figures (epoch ends)
+    memory_text: str = ""
 
 
 class Commands:

@@ -84,9 +84,11 @@ def register(_demo, app) -> None:
         generation lock): proof that a run left the model exactly as it found it."""
         from modules import call_queue, shared
         from ..host import model_state_hash
+        from ..memory import storage_fingerprint
         with call_queue.queue_lock:
             m = shared.sd_model
-            return {"sha256": model_state_hash([m.model.diffusion_model, m.cond_stage_model, m.first_stage_model])}
+            mods = [m.model.diffusion_model, m.cond_stage_model, m.first_stage_model]
+            return {"sha256": model_state_hash(mods), "storage": storage_fingerprint(mods)}
 
     def unfinished():
         """Runs with a training state that did not finish (e.g. the WebUI was restarted mid-run), newest first."""

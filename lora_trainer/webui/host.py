@@ -138,6 +138,29 @@ class WebUIHost(BaseHost):
             except Exception:  # older/newer WebUIs
                 pass
 
+    @contextlib.contextmanager
+    def attention(self, sdpa: bool = True):
+        """The WebUI's cross-attention optimisation if it trains well (xformers, sdp); the chunked ones
+        (Doggettx, V1, InvokeAI, sub-quadratic) keep every chunk for backward and save nothing there, so
+        with ``sdpa`` the run uses the WebUI's own "sdp" and the user's choice is put back afterwards."""
+        try:
+            from modules import sd_hijack
+        except ImportError:
+            yield None
+            return
+        current = getattr(sd_hijack, "current_optimizer", None)
+        name = getattr(current, "name", None)
+        sdp = next((o for o in getattr(sd_hijack, "optimizers", []) if o.name == "sdp"), None)
+        if not sdpa or sdp is None or name in ("xformers", "sdp", "sdp-no-mem"):
+            yield name
+            return
+        log.info("training with the WebUI's sdp attention instead of %s (put back after the run)", name or "none")
+        sd_hijack.model_hijack.apply_optimizations(sdp.title())
+        try:
+            yield "sdp"
+        finally:
+            sd_hijack.model_hijack.apply_optimizations(current.title() if current is not None else "None")
+
     def offload_text_encoders(self) -> None:
         if getattr(self.sd_model, "lowvram", False):
             return   # --medvram: the WebUI keeps them off the GPU already

@@ -266,6 +266,8 @@ def status_html(st: Dict[str, Any]) -> str:
         out.append(f"<div class='lt-error'>❌ {esc(str(st['error']))}</div>")
     elif st.get("message"):
         out.append(f"<div class='lt-message'>{esc(str(st['message']))}</div>")
+    if st.get("memory_text"):
+        out.append(f"<div class='lt-note'>Memory: {esc(str(st['memory_text']))}</div>")
     return "\n".join(out)
 
 

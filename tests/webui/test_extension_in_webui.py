@@ -54,6 +54,13 @@ def test_train_through_the_api_on_the_loaded_model(webui, tmp_path):
     # the model is bitwise as before, and generation without the tag is unchanged
     _, after = webui.call("/lora-trainer/v1/model-hash")
     assert after["sha256"] == before["sha256"]
+    # no second copy of the model: every weight kept its storage before, during (checked at each epoch
+    # end by the run) and after; the run reports its memory figures
+    assert after["storage"] == before["storage"]
+    mem = st["memory"]
+    assert mem["model_storage_unchanged"] is True and mem["rss_peak_mb"] >= mem["rss_idle_mb"] > 0, mem
+    assert "same storage, no copy" in st["memory_text"]
+    print("WebUI run memory:", st["memory_text"])
     again, _ = webui.txt2img("trigger_a, red circle")
     assert np.array_equal(again, base)
     log_start = len(webui.log())
