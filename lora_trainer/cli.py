@@ -55,20 +55,30 @@ def cmd_train(args) -> int:
     if not cfg.pretrained_model_name_or_path:
         raise UserError("pretrained_model_name_or_path is empty: the CLI trains on a checkpoint file; set it in "
                         "the config or with --set pretrained_model_name_or_path=PATH.")
-    host = load_checkpoint(cfg.pretrained_model_name_or_path, cfg.model_config, device=args.device, vae=cfg.vae,
+    from .distributed import Dist
+    dist = Dist.from_env()   # `accelerate launch --num_processes N`: one process per device
+    device = str(dist.device) if dist.active else args.device
+    host = load_checkpoint(cfg.pretrained_model_name_or_path, cfg.model_config, device=device, vae=cfg.vae,
                            v_parameterization=cfg.v_parameterization, zero_terminal_snr=cfg.zero_terminal_snr)
-    return _train_and_report(cfg, host, args.verbose)
+    return _train_and_report(cfg, host, args.verbose, dist=dist)
 
 
-def _train_and_report(cfg: TrainConfig, host, verbose: bool, validation=None) -> int:
-    """Train, printing the dataset summary first, then each epoch's mean loss and each file as it lands."""
+def _train_and_report(cfg: TrainConfig, host, verbose: bool, validation=None, dist=None) -> int:
+    """Train, printing the dataset summary first, then each epoch's mean loss and each file as it lands
+    (the main process only, when several train together)."""
     from .run import build_data, train
     from .train.progress import Callbacks
-    for line in build_data(cfg).scan.summary_lines():
-        print(f"dataset: {line}", flush=True)
+    main = dist is None or dist.is_main
+    if main:
+        for line in build_data(cfg).scan.summary_lines():
+            print(f"dataset: {line}", flush=True)
+        if dist is not None and dist.active:
+            print(f"data parallel: {dist.world} processes, each on its share of every epoch", flush=True)
     shown = [0]
 
     def on_progress(p) -> None:
+        if not main:
+            return
         if verbose:
             _print_progress(p)
         for e, loss in p.epoch_losses[shown[0]:]:
@@ -77,7 +87,9 @@ def _train_and_report(cfg: TrainConfig, host, verbose: bool, validation=None) ->
 
     result = train(cfg, host, callbacks=Callbacks(on_progress),
                    on_saved=lambda path, meta: print(f"saved {path}", flush=True),
-                   before_restore=validation.after if validation else None)
+                   before_restore=validation.after if validation else None, dist=dist)
+    if not main:
+        return 0
     for s in result.samples:
         print(f"sample {s}")
     for w in result.warnings:

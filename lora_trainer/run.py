@@ -63,8 +63,9 @@ class RunResult:
     dataset_summary: List[str] = field(default_factory=list)
 
 
-def plan(cfg: TrainConfig, data: TrainData) -> Plan:
-    micro = data.steps_per_epoch()
+def plan(cfg: TrainConfig, data: TrainData, dist=None) -> Plan:
+    """Steps per epoch are per process when several train together (each takes its share of the batches)."""
+    micro = data.steps_per_epoch() if dist is None else dist.share_count(data.steps_per_epoch())
     per_epoch = max(1, math.ceil(micro / cfg.gradient_accumulation_steps))
     if cfg.max_train_epochs:
         epochs = cfg.max_train_epochs
@@ -199,7 +200,10 @@ def _remove_if_empty(folder: Path) -> None:
 
 def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, commands: Optional[Commands] = None,
            progress: Optional[Progress] = None, before_restore: Optional[Callable[[LoRANetwork], None]] = None,
-           on_saved: Optional[Callable[[Path, Dict[str, str]], None]] = None) -> RunResult:
+           on_saved: Optional[Callable[[Path, Dict[str, str]], None]] = None, dist=None) -> RunResult:
+    from .distributed import Dist
+    dist = dist or Dist()
+    main = dist.is_main
     cfg.validate()
     callbacks = callbacks or Callbacks()
     commands = commands or Commands()
@@ -213,7 +217,7 @@ def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, com
     result.warnings += data.scan.warnings + [f"skipped {p}: {why}" for p, why in data.scan.skipped]
     for w in result.warnings:
         log.warning(w)
-    pl = plan(cfg, data)
+    pl = plan(cfg, data, dist)
     if pl.total_steps < 1:
         raise UserError("This run has no steps: raise max_train_epochs or max_train_steps.")
     problems = setting_problems(cfg, host.device, pl.total_steps) + network_problems(cfg, host)
@@ -234,12 +238,13 @@ def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, com
             raise UserError(f"The run already finished its {pl.epochs} epochs ({saved_state.get('step')} steps): raise "
                             "max_train_epochs (or max_train_steps) to train it further.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temp_files(out_dir)
+    if main:
+        _clean_stale_temp_files(out_dir)
     prompts = parse_prompts(cfg.sample_prompts, cfg.resolution_wh()) if cfg.sample_every_n_epochs else []
 
     torch.manual_seed(cfg.seed)
     started = time.time()
-    tb = TBLogger(cfg.logging_dir, cfg.log_prefix)
+    tb = TBLogger(cfg.logging_dir if main else "", cfg.log_prefix)
     network = None
     with host.exclusive():
         host.prepare()
@@ -302,7 +307,7 @@ def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, com
 
             def on_checkpoint(epoch_at, batches_done, loop_state, caption_rng, stopping, flush):
                 """Write the training state at epoch ends (stopping None), on Stop, and when the timer is due."""
-                if not cfg.save_state:
+                if not cfg.save_state or not main:
                     return
                 timer = cfg.save_state_every_n_minutes
                 due = stopping is None or stopping or (timer > 0 and time.time() - last_state_write[0] >= timer * 60)
@@ -317,11 +322,13 @@ def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, com
                 progress.memory = watch.sample()
                 progress.memory_text = watch.text()
                 with eval_mode(optimizer):
-                    if epoch % cfg.save_every_n_epochs == 0 or epoch == pl.epochs or steps >= pl.total_steps:
+                    if not main:
+                        pass
+                    elif epoch % cfg.save_every_n_epochs == 0 or epoch == pl.epochs or steps >= pl.total_steps:
                         progress.phase = "saving"
                         callbacks.progress(progress)
                         saver.save_epoch(epoch, steps)
-                    if prompts and epoch % cfg.sample_every_n_epochs == 0:
+                    if main and prompts and epoch % cfg.sample_every_n_epochs == 0:
                         _samples(cfg, host, network, prompts, epoch, out_dir, result, progress, precision)
                 progress.phase = "training"
                 callbacks.progress(progress)
@@ -330,11 +337,15 @@ def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, com
                     host.attention(cfg.sdpa):
                 if resume_point is not None:   # every generator as it was at the saved point
                     train_state.set_rng_state(saved_state["rng"], random.Random())
+                if dist.active:   # the same network everywhere (created above from one seed), different noise
+                    torch.manual_seed(cfg.seed + 1000003 * dist.rank)
                 state = run_epochs(host=host, network=network, data=data, optimizer=optimizer, schedule=schedule,
                                    precision=precision, s=settings, epochs=pl.epochs, total_steps=pl.total_steps,
                                    progress=progress, callbacks=callbacks, commands=commands,
                                    hooks=EpochHooks(on_epoch_end, on_checkpoint), tb=tb, seed=cfg.seed,
-                                   encode_images=host.encode_images, text_cache=text_cache, resume=resume_point)
+                                   encode_images=host.encode_images, text_cache=text_cache, resume=resume_point,
+                                   dist=dist if dist.active else None, trace=_tracer(dist))
+                _trace_network(dist, network)
             progress.memory = watch.sample()
             progress.memory_text = watch.text()
             result.steps_done = state.step
@@ -343,7 +354,7 @@ def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, com
             result.epoch_losses = list(progress.epoch_losses)
             result.step_losses = list(progress.step_losses)
             with eval_mode(optimizer):
-                if not result.stopped:
+                if not result.stopped and main:
                     result.final_file = saver.save_final(result.epochs_done, state.step)
                     if cfg.save_state and state_file.is_file():   # finished: a later resume may add epochs
                         _mark_finished(state_file)
@@ -358,6 +369,34 @@ def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, com
             tb.close()
             network = None
     return result
+
+
+def _tracer(dist):
+    """``LORA_TRAINER_TRACE=FILE``: every process appends the image indices of its batches, per epoch (tests)."""
+    import os
+    path = os.environ.get("LORA_TRAINER_TRACE")
+    if not path:
+        return None
+
+    def trace(epoch, batches):
+        import json
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"rank": dist.rank, "epoch": epoch, "batches": [b.indices for b in batches]}) + "\n")
+    return trace
+
+
+def _trace_network(dist, network) -> None:
+    import os
+    path = os.environ.get("LORA_TRAINER_TRACE")
+    if path:
+        import hashlib
+        import json
+        h = hashlib.sha256()
+        for k, v in sorted(network.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"rank": dist.rank, "network": h.hexdigest()}) + "\n")
 
 
 def _clean_stale_temp_files(out_dir: Path) -> None:

@@ -79,7 +79,9 @@ def train_step(host, precision: Precision, s: StepSettings, latents: torch.Tenso
 
 
 def optimizer_step(network, optimizer, schedule, precision: Precision, params: List[torch.nn.Parameter],
-                   s: StepSettings):
+                   s: StepSettings, dist=None):
+    if dist is not None:   # several processes: the average of everyone's gradients
+        dist.average_gradients(params)
     precision.unscale(optimizer)
     if s.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
@@ -114,7 +116,7 @@ class ResumePoint:
 def run_epochs(*, host, network, data, optimizer, schedule, precision: Precision, s: StepSettings, epochs: int,
                total_steps: int, progress: Progress, callbacks: Callbacks, commands: Commands, hooks: EpochHooks,
                tb=None, seed: int = 0, sync_every: int = 10, encode_images=None, text_cache=None,
-               resume: Optional[ResumePoint] = None) -> LoopState:
+               resume: Optional[ResumePoint] = None, dist=None, trace=None) -> LoopState:
     state = resume.loop if resume is not None else LoopState()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     caption_rng = random.Random(seed)
@@ -137,7 +139,10 @@ def run_epochs(*, host, network, data, optimizer, schedule, precision: Precision
         skip = resume.batches_done if (resume is not None and epoch == resume.epoch) else 0
         if not skip:
             state.epoch_sum, state.epoch_count = None, 0
-        for index, batch in enumerate(data.epoch_batches(epoch)):
+        batches = data.epoch_batches(epoch) if dist is None else dist.shard(data.epoch_batches(epoch))
+        if trace is not None:
+            trace(epoch, batches)
+        for index, batch in enumerate(batches):
             if index < skip:
                 continue
             if state.step >= total_steps:
@@ -156,7 +161,7 @@ def run_epochs(*, host, network, data, optimizer, schedule, precision: Precision
             state.epoch_count += 1
             boundary = state.micro_step % s.gradient_accumulation_steps == 0
             if boundary:
-                stats = optimizer_step(network, optimizer, schedule, precision, params, s)
+                stats = optimizer_step(network, optimizer, schedule, precision, params, s, dist)
                 state.step += 1
                 state.pending.append((state.step, loss, stats))
                 if state.step % sync_every == 0:
@@ -171,7 +176,7 @@ def run_epochs(*, host, network, data, optimizer, schedule, precision: Precision
                 if stop:
                     break
         if state.micro_step % s.gradient_accumulation_steps:  # an epoch's last partial accumulation
-            stats = optimizer_step(network, optimizer, schedule, precision, params, s)
+            stats = optimizer_step(network, optimizer, schedule, precision, params, s, dist)
             state.step += 1
             state.pending.append((state.step, loss, stats))
             state.micro_step = 0
