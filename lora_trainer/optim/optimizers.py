@@ -297,7 +297,15 @@ def create_optimizer(name: str, param_groups: List[dict], lr: float, args: Dict[
         for g in groups:
             if g.get("lr", lr):
                 g["lr"] = nonzero[-1]
-    opt = _construct(spec, cls, groups, lr, kwargs)
+    opt = None
+    if device.type == "cuda" and cls in (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD) \
+            and "fused" not in args and "foreach" not in args:
+        try:   # one fused kernel for all LoRA tensors instead of a launch per tensor (a step is launch-bound)
+            opt = _construct(spec, cls, groups, lr, dict(kwargs, fused=True))
+        except (UserError, RuntimeError):
+            opt = None   # a torch without fused kernels for these: its default (foreach)
+    if opt is None:
+        opt = _construct(spec, cls, groups, lr, kwargs)
     opt._lora_trainer_spec = spec  # type: ignore[attr-defined]
     return opt
 
