@@ -93,26 +93,39 @@ class BaseHost:
             root.eval()
         self._saved_state = {"params": params, "modes": modes, "flags": flags}
 
-    def offload_text_encoders(self) -> None:
-        """Move the text encoders off the GPU while only their cached outputs are used."""
-        if self.device.type == "cpu" or getattr(self, "_te_offloaded", None):
+    def _offload(self, kind: str, modules) -> None:
+        """Move modules off the GPU while only cached work is done (put back by ``reload_offloaded``)."""
+        moved = self.__dict__.setdefault("_offloaded", {})
+        modules = [m for m in modules if m is not None and next(m.parameters(), None) is not None]
+        if self.device.type == "cpu" or kind in moved or not modules:
             return
-        self._te_offloaded = [(te, next(te.parameters()).device) for _, te in self.text_encoders]
-        for te, _ in self._te_offloaded:
-            te.to("cpu")
+        moved[kind] = [(m, next(m.parameters()).device) for m in modules]
+        for m, _ in moved[kind]:
+            m.to("cpu")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def reload_text_encoders(self) -> None:
-        moved, self._te_offloaded = getattr(self, "_te_offloaded", None), None
-        for te, dev in moved or []:
-            te.to(dev)
+    def offload_text_encoders(self) -> None:
+        """The text encoders, once every caption's output is cached."""
+        self._offload("text_encoders", [te for _, te in self.text_encoders])
 
-    def text_encoders_offloaded(self) -> bool:
-        return bool(getattr(self, "_te_offloaded", None))
+    def offload_vae(self) -> None:
+        """The VAE, once every image's latents are cached."""
+        self._offload("vae", [getattr(self, "vae", None)])
+
+    def offloaded(self) -> List[str]:
+        return list(self.__dict__.get("_offloaded", {}))
+
+    def reload_offloaded(self) -> List[str]:
+        """Put every offloaded module back on its device; the kinds that were off."""
+        moved = self.__dict__.pop("_offloaded", {})
+        for items in moved.values():
+            for m, dev in items:
+                m.to(dev)
+        return list(moved)
 
     def restore(self) -> None:
-        self.reload_text_encoders()
+        self.reload_offloaded()
         state, self._saved_state = self._saved_state, None
         if state is None:
             return

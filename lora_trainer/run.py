@@ -256,6 +256,7 @@ def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, com
                 data.cache_latents(host.encode_images, host.vae_fingerprint() if cfg.cache_latents_to_disk else "",
                                    cfg.cache_latents_to_disk)
                 data.move_latents(host.device)
+                host.offload_vae()   # every latent is cached: the VAE leaves the GPU until samples or the end
             text_cache = None
             if cfg.cache_text_encoder_outputs:
                 progress.phase = "caching"
@@ -516,10 +517,8 @@ def _samples(cfg, host, network, prompts, epoch, out_dir: Path, result: RunResul
     if not getattr(host, "supports_sampling", False):
         return
     progress.phase = "sampling"
-    offloaded = host.text_encoders_offloaded() if hasattr(host, "text_encoders_offloaded") else False
+    offloaded = host.reload_offloaded() if hasattr(host, "reload_offloaded") else []   # samples need them
     try:
-        if offloaded:
-            host.reload_text_encoders()
         network.eval()
         images = host.sample(prompts, max_token_length=cfg.max_token_length, clip_skip=cfg.clip_skip,
                              seed=cfg.seed, autocast=precision.autocast())
@@ -535,5 +534,7 @@ def _samples(cfg, host, network, prompts, epoch, out_dir: Path, result: RunResul
         result.warnings.append(f"samples for epoch {epoch} failed: {e}")
     finally:
         network.train()
-        if offloaded:
+        if "text_encoders" in offloaded:
             host.offload_text_encoders()
+        if "vae" in offloaded:
+            host.offload_vae()

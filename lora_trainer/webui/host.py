@@ -161,10 +161,10 @@ class WebUIHost(BaseHost):
         finally:
             sd_hijack.model_hijack.apply_optimizations(current.title() if current is not None else "None")
 
-    def offload_text_encoders(self) -> None:
+    def _offload(self, kind, modules) -> None:
         if getattr(self.sd_model, "lowvram", False):
-            return   # --medvram: the WebUI keeps them off the GPU already
-        super().offload_text_encoders()
+            return   # --medvram: the WebUI moves them itself
+        super()._offload(kind, modules)
 
     # -------------------------------------------------------------- images
     @torch.no_grad()
