@@ -174,11 +174,6 @@ def _warn(r: DoctorReport, cfg: TrainConfig, data) -> None:
         suggest = max(1, round((ta + tb) / 2 / per))
         w.append(f"{r.total_image_iterations} image-iterations in all is outside the guide's {ta}-{tb} for a "
                  f"{r.subject}: train {direction} epochs (about {suggest} at {per} per epoch).")
-    for c in r.concepts:
-        n = c.without_caption + c.empty_captions
-        if n:
-            w.append(f"{c.folder}: {n} of {c.images} images have no caption (or an empty one) and train with "
-                     f"the caption '{c.name}'.")
     if r.triggers:
         for c in r.concepts:
             if c.missing_trigger:
@@ -193,9 +188,9 @@ def _warn(r: DoctorReport, cfg: TrainConfig, data) -> None:
         w.append(f"{count} images are smaller than their training size and will be upscaled, e.g. {path} "
                  f"{size[0]}x{size[1]} trains at {bucket[0]}x{bucket[1]} ({factor:.1f}x). Use larger images or a "
                  f"lower resolution (now {cfg.resolution}).")
-    scan = data.scan
-    w += [s for s in scan.warnings if "smaller than the smallest bucket" not in s]
-    w += [f"skipped {p.parent.name}/{p.name}: {why}" for p, why in scan.skipped]
+    # the scan's own findings (skipped files, captions, layout), worded exactly as a training run reports them;
+    # its small-image line is replaced by the upscaling one above
+    w += [s for s in data.scan.messages() if "smaller than the smallest bucket" not in s]
     if cfg.enable_bucket:
         r.notes.append(f"{len(data.bucket_counts())} aspect-ratio buckets in use.")
 

@@ -214,9 +214,10 @@ def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, com
 
     data = build_data(cfg)
     result.dataset_summary = data.scan.summary_lines()
-    result.warnings += data.scan.warnings + [f"skipped {p}: {why}" for p, why in data.scan.skipped]
+    result.warnings += data.scan.messages()
     for w in result.warnings:
         log.warning(w)
+    progress.warnings = result.warnings   # the same list: later setting warnings show too
     pl = plan(cfg, data, dist)
     if pl.total_steps < 1:
         raise UserError("This run has no steps: raise max_train_epochs or max_train_steps.")

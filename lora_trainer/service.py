@@ -128,7 +128,7 @@ class TrainingService:
             "total_epochs": p.total_epochs, "step": p.step, "total_steps": p.total_steps, "loss": p.loss,
             "epoch_loss": p.epoch_loss, "lr": p.lr, "elapsed": p.elapsed, "eta": p.eta, "message": p.message,
             "files": list(p.files), "samples": list(p.samples), "error": self.error,
-            "memory": dict(p.memory), "memory_text": p.memory_text,
+            "memory": dict(p.memory), "memory_text": p.memory_text, "warnings": list(p.warnings),
             "output_name": self.config.output_name if self.config else None,
             "output_dir": self.config.output_dir if self.config else None,
         }

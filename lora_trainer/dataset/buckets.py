@@ -54,16 +54,26 @@ def size_conditioning(size: Size, bucket: Size) -> Tuple[int, int, int, int, int
 
 
 def load_resized(path, bucket: Size):
-    """The image as a (3,H,W) float tensor in [-1,1], scaled to cover ``bucket`` and centre-cropped."""
+    """The image as a (3,H,W) float tensor in [-1,1], upright (EXIF orientation), as 8-bit RGB (CMYK, palette
+    and 16-bit images converted, transparency on white), scaled to cover ``bucket`` and centre-cropped.
+
+    A file that no longer decodes (changed since the dataset was scanned) raises :class:`DatasetError`
+    naming it, never Pillow's own error."""
     import numpy as np
     import torch
     from PIL import Image
+    from ..errors import DatasetError
+    from .images import BadImage, open_rgb
     bw, bh = bucket
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        nw, nh, left, top = resize_and_crop(im.size, bucket)
-        downscale = max(bw / im.size[0], bh / im.size[1]) < 1
-        im = im.resize((nw, nh), Image.LANCZOS if downscale else Image.BICUBIC)
-        im = im.crop((left, top, left + bw, top + bh))
-        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    try:
+        im = open_rgb(path)
+    except BadImage as e:
+        raise DatasetError(f"{path} cannot be loaded for training: {e.why}. It passed the dataset check, so it "
+                           "changed since; fix or remove it and start the run again.") from None
+    nw, nh, left, top = resize_and_crop(im.size, bucket)
+    downscale = max(bw / im.size[0], bh / im.size[1]) < 1
+    # reducing_gap: a very large photo is first reduced by an integer factor (same result, far faster)
+    im = im.resize((nw, nh), Image.LANCZOS, reducing_gap=3.0) if downscale else im.resize((nw, nh), Image.BICUBIC)
+    im = im.crop((left, top, left + bw, top + bh))
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

@@ -2,17 +2,25 @@
 
 N is the folder's repeats: each image is seen N times per epoch, so iterations per epoch =
 Σ repeats × images (the guide's ``1_nekochan`` 76 + ``6_maid`` 16 = 172).
+
+Datasets scraped from the web hold every kind of bad file. The scan decides for each, before any model
+work: a file that cannot train (truncated, corrupt, empty, unreadable, an unsupported type, a looping
+symbolic link) is skipped and listed in ``skipped`` with what to do; what trains but not as the user may
+think (a caption read with a fallback encoding, a caption without an image, images in a subfolder,
+transparent images, an empty caption) becomes a ``warnings`` line that names the files; a layout that
+cannot be what the user meant (a folder of images without a repeat count, no usable image at all) is
+refused with :class:`DatasetError` saying what to fix.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 from ..errors import DatasetError
+from .images import IMAGE_EXTENSIONS  # noqa: F401  (the supported types, for callers)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CONCEPT_RE = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -23,7 +31,7 @@ class ImageItem:
     repeats: int
     caption: str          # the caption file's text, or the concept name when missing/empty
     caption_source: str   # "file", "missing" or "empty"
-    size: Tuple[int, int]  # (width, height)
+    size: Tuple[int, int]  # (width, height), upright (EXIF orientation applied)
 
 
 @dataclass
@@ -41,12 +49,16 @@ class DatasetScan:
     root: Path
     items: List[ImageItem]
     concepts: List[ConceptInfo]
-    skipped: List[Tuple[Path, str]] = field(default_factory=list)   # (file, why)
+    skipped: List[Tuple[Path, str]] = field(default_factory=list)   # (file relative to root, why + what to do)
     warnings: List[str] = field(default_factory=list)
 
     @property
     def iterations_per_epoch(self) -> int:
         return sum(c.repeats * c.images for c in self.concepts)
+
+    def messages(self) -> List[str]:
+        """Every warning about the dataset, worded as a training run reports them."""
+        return self.warnings + [f"skipped {p}: {why}" for p, why in self.skipped]
 
     def summary_lines(self) -> List[str]:
         lines = [f"{c.folder}: {c.images} images x {c.repeats} repeats = {c.images * c.repeats}"
@@ -60,27 +72,6 @@ class DatasetScan:
         return lines
 
 
-def _read_caption(path: Path) -> Optional[str]:
-    if not path.is_file():
-        return None
-    raw = path.read_bytes()
-    for enc in ("utf-8-sig", "utf-16", "cp1251", "latin-1"):
-        try:
-            text = raw.decode(enc)
-            break
-        except UnicodeDecodeError:
-            continue
-    return " ".join(line.strip() for line in text.replace("\r", "\n").split("\n") if line.strip())
-
-
-def _image_size(path: Path) -> Tuple[int, int]:
-    from PIL import Image
-    with Image.open(path) as im:
-        im.verify()  # catches truncated / corrupt files without decoding all pixels
-    with Image.open(path) as im:
-        return im.size
-
-
 def scan_dataset(root, caption_extension: str = ".txt", min_side: int = 0) -> DatasetScan:
     """Scan the dataset folder. Raises :class:`DatasetError` with the fix for unusable layouts."""
     root = Path(root) if root else Path("")
@@ -92,52 +83,8 @@ def scan_dataset(root, caption_extension: str = ".txt", min_side: int = 0) -> Da
                            "your concept folders.")
     if not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    bad = [p.name for p in subdirs if not CONCEPT_RE.match(p.name) or int(CONCEPT_RE.match(p.name)[1]) < 1]
-    loose_images = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not subdirs:
-        hint = f" It holds {len(loose_images)} images directly: move them into a folder such as " \
-               f"{root / '10_mychar'}." if loose_images else ""
-        raise DatasetError(f"{root} has no concept folders. Put your images in a folder named N_name inside it, "
-                           f"where N is the repeats (e.g. 10_mychar).{hint}")
-    if bad:
-        raise DatasetError(
-            "These folders are not named N_name (N = repeats, at least 1): " + ", ".join(bad) +
-            f". Rename them, e.g. {bad[0]} -> 10_{bad[0].split('_', 1)[-1] if '_' in bad[0] else bad[0]}, "
-            "or move them out of train_data_dir.")
-    scan = DatasetScan(root=root, items=[], concepts=[])
-    for d in subdirs:
-        m = CONCEPT_RE.match(d.name)
-        info = ConceptInfo(folder=d.name, name=m[2], repeats=int(m[1]))
-        for p in sorted(d.iterdir()):
-            if not p.is_file() or p.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            if p.stat().st_size == 0:
-                scan.skipped.append((p, "empty file (0 bytes)"))
-                continue
-            try:
-                size = _image_size(p)
-            except Exception as e:  # PIL raises many types for bad files
-                scan.skipped.append((p, f"not a readable image ({type(e).__name__})"))
-                continue
-            cap = _read_caption(p.with_suffix(caption_extension))
-            source = "file"
-            if cap is None:
-                source, cap = "missing", info.name
-                info.missing_captions += 1
-            elif not cap:
-                source, cap = "empty", info.name
-                info.empty_captions += 1
-            scan.items.append(ImageItem(p, d.name, info.repeats, cap, source, size))
-            info.images += 1
-        if info.images == 0:
-            scan.warnings.append(f"{d.name} has no usable images (png, jpg, jpeg, webp, bmp); it is ignored.")
-        scan.concepts.append(info)
-    scan.concepts = [c for c in scan.concepts if c.images]
-    if not scan.items:
-        skipped = f" {len(scan.skipped)} files were skipped as unreadable." if scan.skipped else ""
-        raise DatasetError(f"No usable images in {root}'s concept folders (png, jpg, jpeg, webp, bmp).{skipped}"
-                           " Add images, or fix the listed files.")
+    from .scanner import Scanner
+    scan = Scanner(root, caption_extension).run()
     if min_side:
         small = [it for it in scan.items if min(it.size) < min_side]
         if small:

@@ -20,7 +20,13 @@ CACHE_VERSION = "1"
 
 
 def cache_key(image_path: Path, bucket: Tuple[int, int], vae_fingerprint: str) -> str:
-    h = hashlib.sha256(Path(image_path).read_bytes()).hexdigest()[:20]
+    try:
+        data = Path(image_path).read_bytes()
+    except OSError as e:
+        from ..errors import DatasetError
+        raise DatasetError(f"{image_path} cannot be read for the latent cache ({e.strerror or e}): it passed the "
+                           "dataset check, so it changed since; fix or remove it and start the run again.") from None
+    h = hashlib.sha256(data).hexdigest()[:20]
     return f"v{CACHE_VERSION}-{h}-{bucket[0]}x{bucket[1]}-{vae_fingerprint}"
 
 

@@ -31,6 +31,7 @@ class Progress:
     step_losses: List[tuple] = field(default_factory=list)    # (step, loss) synced so far
     epoch_losses: List[tuple] = field(default_factory=list)   # (epoch, mean loss)
     memory: dict = field(default_factory=dict)                 # lora_trainer.memory figures (epoch ends)
+    warnings: List[str] = field(default_factory=list)          # dataset and setting warnings of the run
     memory_text: str = ""
 
 
