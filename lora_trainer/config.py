@@ -212,6 +212,9 @@ class TrainConfig:
             p.append(f"max_grad_norm = {self.max_grad_norm}: must be >= 0 (0 turns clipping off).")
         if self.lr_warmup_steps < 0:
             p.append(f"lr_warmup_steps = {self.lr_warmup_steps}: must be >= 0.")
+        elif self.lr_warmup_steps >= 1 and not float(self.lr_warmup_steps).is_integer():
+            p.append(f"lr_warmup_steps = {self.lr_warmup_steps}: from 1 up it counts steps and must be whole "
+                     f"(e.g. {int(self.lr_warmup_steps)}); below 1 it is a fraction of all steps (e.g. 0.05).")
         if self.lr_scheduler_num_cycles < 1:
             p.append(f"lr_scheduler_num_cycles = {self.lr_scheduler_num_cycles}: must be at least 1.")
         if self.multires_noise_iterations is not None and self.multires_noise_iterations < 0:
@@ -257,8 +260,30 @@ class TrainConfig:
         return d
 
     def to_toml(self) -> str:
-        # TOML has no null: an empty string stands for "not set" (read back as None)
-        return dumps_toml({k: ("" if v is None else v) for k, v in self.to_dict().items()})
+        """TOML that sd-scripts reads as this trainer does (its TOML values go into its argparse namespace
+        unconverted): unset options (None; "" where "" is the default) are left out, so sd-scripts sees
+        its own default (None). One whose default here is set (text_encoder_lr, min_snr_gamma,
+        max_train_epochs) is named in ``unset_options``, a key sd-scripts never reads, so it reads back
+        unset. ``lr_warmup_steps`` of 0 or from 1 up is a whole number: sd-scripts takes a float as a
+        fraction of all steps. Older files wrote "" for unset options; they still read back as None."""
+        d: Dict[str, Any] = {"config_version": CONFIG_VERSION}
+        unset: List[str] = []
+        for f in fields(self):
+            if f.metadata.get("internal"):
+                continue
+            v = getattr(self, f.name)
+            if _is_unset(f, v):
+                if not _is_unset(f, _default_of(f)):
+                    unset.append(f.name)
+                continue
+            d[f.name] = v
+        w = d.get("lr_warmup_steps")
+        if isinstance(w, float) and (w == 0 or w >= 1) and w.is_integer():
+            d["lr_warmup_steps"] = int(w)
+        if unset:
+            d[UNSET_KEY] = unset
+        d.update(self.unknown)
+        return dumps_toml(d)
 
     def save(self, path: Union[str, Path]) -> None:
         from .io.atomic import atomic_write_bytes
@@ -272,6 +297,13 @@ class TrainConfig:
         values: Dict[str, Any] = {}
         unknown: Dict[str, Any] = {}
         problems: List[str] = []
+        for key in _unset_names(flat.pop(UNSET_KEY, None), problems):
+            f = known.get(ALIASES.get(key, key))
+            if f is None or not _is_unset(f, None if "Optional" in str(f.type) else ""):
+                problems.append(f"{UNSET_KEY} names {key!r}, which is not a setting that can be unset: remove it "
+                                "(only optional settings and paths can be).")
+            else:  # a value given in the file as well wins (set below)
+                values[f.name] = None if "Optional" in str(f.type) else ""
         for key, value in flat.items():
             if key in ALIASES:
                 key = ALIASES[key]
@@ -317,6 +349,32 @@ class TrainConfig:
 # sd-scripts / kohya_ss spellings that mean one of our fields
 ALIASES = {"train_data_dir_path": "train_data_dir", "epoch": "max_train_epochs"}
 
+# the key listing the options a saved config leaves unset although their default is set (sd-scripts never reads it)
+UNSET_KEY = "unset_options"
+
+# sd-scripts declares these nargs="*" (one value per text encoder) and train_network.py reads a bare number too
+_SD_SCRIPTS_LISTS = {"text_encoder_lr"}
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def _is_unset(f: dataclasses.Field, value: Any) -> bool:
+    """None, or "" in a text setting whose default is "" (a path or name left empty)."""
+    return value is None or (value == "" and isinstance(value, str) and f.default == "")
+
+
+def _unset_names(value: Any, problems: List[str]) -> List[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
+        problems.append(f"{UNSET_KEY} = {value!r}: write a list of setting names, e.g. [\"min_snr_gamma\"].")
+        return []
+    return list(value)
+
 
 def field_help() -> Dict[str, Dict[str, str]]:
     """name -> {help, section}: the hints the UI shows."""
@@ -344,6 +402,13 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
             return None
         raise ValueError("a value is required")
     base = str(t)
+    if f.name in _SD_SCRIPTS_LISTS and isinstance(value, (list, tuple)):
+        if not value:
+            return None
+        if any(x != value[0] for x in value):
+            raise ValueError(f"one learning rate for every text encoder here (sd-scripts' networks.lora uses the "
+                             f"first too): write one number, e.g. {value[0]!r}")
+        value = value[0]
     if "List" in base:
         if isinstance(value, str):
             return [s for s in value.split() if s] if "=" in value else ([value] if value else [])

@@ -108,17 +108,14 @@ def test_parse_weighted_and_output_rules(tmp_path):
         check_output(tmp_path / "x.ckpt", [])
 
 
-def test_rank_rules_on_known_singular_values():
+def test_combine_rank_rule_on_known_singular_values():
+    """combine's re-factoring keeps new_rank, never more values than there are (resize's rule, sd-scripts',
+    is in test_post_resize_rank.py)."""
     from lora_trainer.post.lora_math import select_rank
     s = torch.tensor([4.0, 2.0, 1.0, 0.5])
     assert select_rank(s, 3) == 3
-    assert select_rank(s, 8, "sv_ratio", 2) == 1          # keep S > 4/2
-    assert select_rank(s, 8, "sv_ratio", 5) == 3          # keep S > 0.8
-    assert select_rank(s, 8, "sv_cumulative", 0.8) == 2   # (4+2)/7.5 = 0.8
-    assert select_rank(s, 8, "sv_fro", 0.9) == 2          # sqrt(20/21.25) = 0.970 >= 0.9 > sqrt(16/21.25)
-    assert select_rank(s, 8, "sv_fro", 0.99) == 3
-    assert select_rank(s, 1, "sv_fro", 0.99) == 1         # new_rank caps
-    assert select_rank(torch.zeros(4), 8, "sv_fro", 0.9) == 1
+    assert select_rank(s, 8) == 4
+    assert select_rank(torch.zeros(4), 8) == 1
 
 
 def test_lowrank_svd_is_exact():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -19,6 +18,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 from ..errors import UserError
+from ..io.atomic import create_temp_beside
 from ..io.lora_file import read_header
 from ..networks.naming import hf_clip_te_name, openclip_te_name, resolve_key, unet_kohya_name
 
@@ -242,7 +242,7 @@ def save_new_file(path: Path, tensors: Dict[str, torch.Tensor], metadata: Dict[s
     from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    fd, tmp = create_temp_beside(path)  # the umask's mode, as an ordinary file (mkstemp's 0600 would stay)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)

@@ -92,11 +92,14 @@ def add_post_commands(sub) -> None:
     p = sub.add_parser("resize", help="lower a LoRA's rank by SVD (sd-scripts resize_lora)")
     p.add_argument("--model", required=True, help="the LoRA file to resize")
     p.add_argument("--save_to", required=True, help="the new file (.safetensors)")
-    p.add_argument("--new_rank", type=int, help="rank to keep (with a dynamic method: the most any module keeps)")
-    p.add_argument("--new_conv_rank", type=int, help="rank for 3x3 conv (LoCon) modules; default new_rank")
+    p.add_argument("--new_rank", type=int, default=4,
+                   help="rank to keep (with a dynamic method: the most any module keeps); default 4, as sd-scripts")
+    p.add_argument("--new_conv_rank", type=int, help="rank for conv modules (3x3 LoCon, and 1x1 as sd-scripts); "
+                                                     "default new_rank")
     p.add_argument("--dynamic_method", choices=["sv_ratio", "sv_fro", "sv_cumulative"],
-                   help="choose each module's rank: sv_fro keeps dynamic_param of the Frobenius norm, sv_cumulative "
-                        "of the sum of singular values, sv_ratio drops those below max/dynamic_param")
+                   help="choose each module's rank as sd-scripts does (one singular value more than the target "
+                        "needs): sv_fro keeps dynamic_param of the Frobenius norm, sv_cumulative of the sum of "
+                        "singular values, sv_ratio those above max/dynamic_param")
     p.add_argument("--dynamic_param", type=float, help="the dynamic method's target, e.g. 0.9 (sv_fro) or 2 (sv_ratio)")
     p.add_argument("--save_precision", choices=PRECISIONS, help="default: the input's")
     p.add_argument("--overwrite", action="store_true", help="replace save_to if it exists (never the input)")

@@ -348,49 +348,14 @@ def to_lora(svd: SVD, rank: int, *, split: str = "up") -> Tuple[torch.Tensor, to
     return up.contiguous().cpu(), down.contiguous().cpu()
 
 
-# ------------------------------------------------------------------ rank rules (sd-scripts resize_lora)
-DYNAMIC_METHODS = ("sv_ratio", "sv_cumulative", "sv_fro")
-
-
-def check_dynamic(method: Optional[str], param: Optional[float]) -> None:
-    from ..errors import UserError
-    if method is None:
-        return
-    if method not in DYNAMIC_METHODS:
-        raise UserError(f"dynamic_method {method!r} is unknown: use one of {', '.join(DYNAMIC_METHODS)}.")
-    if param is None:
-        raise UserError(f"dynamic_method {method} needs dynamic_param (e.g. sv_fro 0.9, sv_ratio 2).")
-    if method == "sv_ratio" and not param >= 1:
-        raise UserError(f"dynamic_param {param} for sv_ratio must be >= 1 (largest / smallest kept singular value).")
-    if method in ("sv_cumulative", "sv_fro") and not 0 < param <= 1:
-        raise UserError(f"dynamic_param {param} for {method} must be in (0, 1] (the share to keep, e.g. 0.9).")
-
-
-def select_rank(S: torch.Tensor, cap: int, method: Optional[str] = None, param: Optional[float] = None) -> int:
-    """The rank to keep: ``cap`` without a method; else the smallest rank that meets the target
-    (sv_fro: kept Frobenius norm >= param; sv_cumulative: kept sum of singular values >= param;
-    sv_ratio: singular values > S_max / param), never above ``cap``. An all-zero module keeps rank 1.
-
-    sd-scripts keeps one or two ranks more than the target needs (an index off by one, then +1);
-    here the rank is the smallest that meets it."""
+# ------------------------------------------------------------------ rank (combine; resize's rule is resize_rank.py)
+def select_rank(S: torch.Tensor, cap: int) -> int:
+    """``cap``, but no more singular values than there are; an all-zero module keeps rank 1."""
     s = S.double().cpu()
     n = len(s)
     if n == 0 or s[0] <= MIN_SV:
         return 1
-    if method is None:
-        r = cap
-    elif method == "sv_ratio":
-        r = int((s > s[0] / param).sum())
-    elif method == "sv_cumulative":
-        cum = torch.cumsum(s, 0) / s.sum()
-        r = int((cum < param).sum()) + 1
-    elif method == "sv_fro":
-        sq = s * s
-        cum = torch.cumsum(sq, 0) / sq.sum()
-        r = int((cum < param * param).sum()) + 1
-    else:
-        raise ValueError(method)
-    return max(1, min(r, cap, n))
+    return max(1, min(cap, n))
 
 
 @dataclass

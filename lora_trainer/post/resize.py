@@ -1,9 +1,10 @@
 """Resize: lower a LoRA's rank by SVD, as sd-scripts' ``networks/resize_lora.py``.
 
 Each module's ΔW is factored (without forming it: QR of up and down, SVD of the small core) and
-cut to a rank: ``new_rank`` for all (``new_conv_rank`` for 3×3 convs), or per module by
+cut to a rank: ``new_rank`` for all (``new_conv_rank`` for conv modules), or per module by
 ``dynamic_method`` (sv_ratio / sv_cumulative / sv_fro with ``dynamic_param``), never above
-``new_rank``. As in sd-scripts the singular values go into ``lora_up`` and the new alpha is
+``new_rank``; the ranks are sd-scripts' (:mod:`resize_rank`: one singular value more than the target
+needs). As in sd-scripts the singular values go into ``lora_up`` and the new alpha is
 ``old_scale · new_rank``, so ``alpha / rank`` (the strength at weight 1) is unchanged.
 
 LyCORIS files (LoHa, LoKr, LoCon with CP, full/diff) have no up/down factors to cut: their modules'
@@ -29,8 +30,8 @@ import torch
 from ..errors import UserError
 from ..io.lora_file import SAVE_DTYPES, save_lora
 from .files import check_output, finite_or_raise, output_metadata, read_lora
-from .lora_math import (check_dynamic, layer_shape_of, module_delta, module_svd, require_known, retained, scale_of,
-                        select_rank, to_lora)
+from .lora_math import layer_shape_of, module_delta, module_svd, require_known, retained, scale_of, to_lora
+from .resize_rank import MIN_SV, check_dynamic, full_rank, resize_rank
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +144,15 @@ def resize_lora(model, save_to, *, new_rank: Optional[int] = None, new_conv_rank
             old_rank = algo.rank(parts) if algo.rank else None
             shape = algo.shape(parts) if algo.shape else tuple(module_delta(parts, algo).shape)
             svd = module_svd(parts, algo, device, layer_shape_of(name, shape, f.kind))
-            conv3 = len(svd.shape) == 4 and tuple(svd.shape[2:]) != (1, 1)
-            cap = (new_conv_rank if conv3 and new_conv_rank else new_rank) or len(svd.S)
-            r = select_rank(svd.S, cap, dynamic_method, dynamic_param)
-            wanted = select_rank(svd.S, len(svd.S), dynamic_method, dynamic_param) if dynamic_method else r
-            zero = len(svd.S) == 0 or float(svd.S[0]) <= 1e-12
-            kept = retained(svd.S, r)
-            up, down = to_lora(svd, r)
+            conv = len(svd.shape) == 4  # sd-scripts: every conv module (1x1 too) takes new_conv_rank
+            full = full_rank(svd.shape)
+            cap = (new_conv_rank if conv and new_conv_rank else new_rank) or full
             old_scale = scale_of(parts, old_rank) if old_rank else 1.0
+            r, wanted = resize_rank(svd.S, full=full, cap=cap, method=dynamic_method, param=dynamic_param,
+                                    scale=old_scale)
+            zero = len(svd.S) == 0 or float(svd.S[0]) / (abs(old_scale) or 1.0) <= MIN_SV
+            kept = retained(svd.S, r)
+            up, down = _padded(*to_lora(svd, min(r, len(svd.S))), r)
             if old_scale != 0:
                 up, alpha = up / old_scale, old_scale * r  # keep alpha/rank: weights stay in the input's range
             else:
@@ -158,7 +160,7 @@ def resize_lora(model, save_to, *, new_rank: Optional[int] = None, new_conv_rank
             tensors[f"{name}.lora_down.weight"] = down
             tensors[f"{name}.lora_up.weight"] = up
             tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
-            if not zero and not conv3:
+            if not zero and not conv:
                 alphas.add(round(alpha, 6))
             report.modules.append(ModuleResize(name, old_rank, r, kept.fro, kept.sum, wanted > r, zero, algo.name))
             if algo.name != "lora":
@@ -188,8 +190,7 @@ def resize_lora(model, save_to, *, new_rank: Optional[int] = None, new_conv_rank
         md["ss_network_alpha"] = str(alphas.pop()) if len(alphas) == 1 else "Dynamic"
         if args is not None and "conv_dim" in args:
             conv_alphas = {round(float(tensors[f"{m.name}.alpha"]), 6) for m in report.modules
-                           if tensors[f"{m.name}.lora_down.weight"].dim() == 4
-                           and tuple(tensors[f"{m.name}.lora_down.weight"].shape[2:]) != (1, 1) and not m.zero}
+                           if tensors[f"{m.name}.lora_down.weight"].dim() == 4 and not m.zero}
             args["conv_dim"] = str(new_conv_rank or new_rank)
             args["conv_alpha"] = str(conv_alphas.pop()) if len(conv_alphas) == 1 else "Dynamic"
     if report.converted:
@@ -209,6 +210,16 @@ def resize_lora(model, save_to, *, new_rank: Optional[int] = None, new_conv_rank
     report.seconds = time.time() - t0
     log.info("resized %s -> %s", f.path, out)
     return report
+
+
+def _padded(up: torch.Tensor, down: torch.Tensor, rank: int):
+    """``up``/``down`` grown to ``rank`` with zero components (a rank above the module's own: ΔW unchanged)."""
+    extra = rank - down.shape[0]
+    if extra <= 0:
+        return up, down
+    up = torch.cat([up, up.new_zeros((up.shape[0], extra) + tuple(up.shape[2:]))], 1)
+    down = torch.cat([down, down.new_zeros((extra,) + tuple(down.shape[1:]))], 0)
+    return up, down
 
 
 def _network_args(md: Dict[str, str]) -> Optional[dict]:

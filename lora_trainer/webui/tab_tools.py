@@ -406,7 +406,8 @@ def build_tools_section() -> None:
                 with gr.Row():
                     num("resize_rank", "new_rank", d["new_rank"], "rank; with a dynamic method the most a module keeps "
                         "(0 = no cap)")
-                    num("resize_conv_rank", "new_conv_rank", d["new_conv_rank"], "3x3 conv (LoCon) modules; 0 = new_rank")
+                    num("resize_conv_rank", "new_conv_rank", d["new_conv_rank"],
+                        "conv modules (3x3 LoCon; 1x1 too, as sd-scripts); 0 = new_rank")
                     c["resize_method"] = gr.Dropdown(label="dynamic_method", choices=DYNAMIC_METHODS,
                                                      value=d["dynamic_method"], elem_id="lora_trainer_tools_resize_method",
                                                      info="sv_fro: keep this share of the Frobenius norm")
