@@ -1,6 +1,8 @@
 import errno
 import hashlib
 import json
+import os
+import stat
 import struct
 
 import pytest
@@ -90,3 +92,31 @@ def test_tensors_sharing_storage_are_saved(tmp_path):
     save_lora(tmp_path / "s.safetensors", {"a.lora_up.weight": base, "b.lora_up.weight": base[:2]}, {}, "float")
     sd, _ = load_lora(tmp_path / "s.safetensors")
     assert torch.equal(sd["b.lora_up.weight"], base[:2])
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes and umask are POSIX")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_files_get_the_mode_a_plain_open_gives(tmp_path, umask):
+    """Every atomic write (LoRA files, configs, sidecars, states, latent cache, merged checkpoints) ends with
+    the mode ``open(path, "w")`` gives under the process's umask (0o644 under 022), not mkstemp's 0o600;
+    replacing a file keeps the mode it had."""
+    from lora_trainer.config import TrainConfig
+    from lora_trainer.post.checkpoint_keys import save_new_file
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+        want = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+        save_lora(tmp_path / "sub" / "a.safetensors", {"a.alpha": torch.tensor(1.0)}, {})
+        atomic.atomic_write_bytes(tmp_path / "b.json", b"{}")
+        TrainConfig().save(tmp_path / "c.toml")
+        save_new_file(tmp_path / "d.safetensors", {"w": torch.zeros(2)}, {})
+        for name in ("sub/a.safetensors", "b.json", "c.toml", "d.safetensors"):
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want == 0o666 & ~umask, name
+        assert stat.S_IMODE((tmp_path / "sub").stat().st_mode) == 0o777 & ~umask
+        os.chmod(tmp_path / "b.json", 0o640)  # a mode the user chose survives a rewrite
+        atomic.atomic_write_bytes(tmp_path / "b.json", b"{ }")
+        assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o640
+        assert not list(tmp_path.rglob("*.tmp"))
+    finally:
+        os.umask(old)

@@ -76,7 +76,11 @@ def _prepare_config(cfg: TrainConfig) -> TrainConfig:
     if not cfg.output_dir:
         cfg = cfg.replace(output_dir=default_output_dir(cfg.output_name))
     cfg.validate()
+    from .write_roots import check_writes
+    check_writes(cfg)  # output_dir, logging_dir: under the Lora folder or an allowed one, before anything exists
     data = build_data(cfg)  # dataset errors surface now, before the run starts
+    if cfg.cache_latents and cfg.cache_latents_to_disk:
+        check_writes(cfg, [item.path for item in data.items])  # the latent cache beside the images
     _run_extras["pending"] = {"triggers": trigger_words(data.items, cfg.keep_tokens)}
     return cfg
 

@@ -83,6 +83,8 @@ def save_config(path: str, values: Dict[str, Any]) -> str:
         target = Path(path.strip() if path and path.strip() else default_config_path(values)).expanduser()
         if target.suffix.lower() != ".toml":
             target = target.with_suffix(".toml")
+        from .write_roots import check_path
+        check_path("The config file", target)  # the same folders a run may write to
         target.parent.mkdir(parents=True, exist_ok=True)
         cfg.save(target)
         return f"Saved `{target}`."
@@ -266,6 +268,11 @@ def status_html(st: Dict[str, Any]) -> str:
         out.append(f"<div class='lt-error'>❌ {esc(str(st['error']))}</div>")
     elif st.get("message"):
         out.append(f"<div class='lt-message'>{esc(str(st['message']))}</div>")
+    if st.get("warnings"):
+        items = "".join(f"<li>{esc(str(w))}</li>" for w in st["warnings"][:20])
+        more = f"<li>… and {len(st['warnings']) - 20} more</li>" if len(st["warnings"]) > 20 else ""
+        out.append(f"<details class='lt-warnings'><summary>⚠️ {len(st['warnings'])} warning(s)</summary>"
+                   f"<ul>{items}{more}</ul></details>")
     if st.get("memory_text"):
         out.append(f"<div class='lt-note'>Memory: {esc(str(st['memory_text']))}</div>")
     return "\n".join(out)
