@@ -107,6 +107,8 @@ class TrainConfig:
     persistent_data_loader_workers: bool = _f(False, "Accepted for compatibility.", "precision")
     xformers: bool = _f(False, "Accepted for compatibility; the host's attention (SDPA) is used.", "precision")
     sdpa: bool = _f(True, "CLI (SD1/SD2): run ldm's attention through torch's scaled_dot_product_attention (fused, no stored score matrices); false keeps ldm's einsum. SDXL's diffusers UNet always uses SDPA; the WebUI keeps its own setting.", "precision")
+    torch_compile: bool = _f(False, "CLI: compile the UNet's forward with torch.compile for the run (minutes to compile; measure the gain with `bench`).", "precision")
+    dynamo_backend: str = _f("inductor", "torch.compile backend for torch_compile (inductor; eager to check the tracing only).", "precision")
     # --- samples & logs ------------------------------------------------------------------
     logging_dir: str = _f("", "TensorBoard log folder; empty turns logging off.", "logs")
     log_prefix: str = _f("", "Prefix of the run's log folder name.", "logs")

@@ -68,6 +68,7 @@ def instantiate(config: Dict[str, Any], weights_from_checkpoint: bool = False) -
 
 class LDMHost(BaseHost):
     supports_sampling = True
+    supports_compile = True
 
     def __init__(self, model: nn.Module, *, name: str = "model", model_hash: str = "", device: str = "cpu",
                  vae_name: str = ""):

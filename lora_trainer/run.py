@@ -29,6 +29,7 @@ from .optim import build as build_optimizer, eval_mode, setting_problems, settin
     warmup_steps
 from .sampling import parse_prompts
 from .train.checkpointing import gradient_checkpointing
+from .train.compile import compiled_forward
 from .train.loop import EpochHooks, LoopState, ResumePoint, StepSettings, run_epochs
 from .train.precision import Precision
 from .train.progress import Callbacks, Commands, Progress
@@ -335,8 +336,11 @@ def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, com
                 progress.phase = "training"
                 callbacks.progress(progress)
 
+            compile_unet = cfg.torch_compile and getattr(host, "supports_compile", False)
+            if cfg.torch_compile and not compile_unet:
+                result.warnings.append("torch_compile is for the CLI: the WebUI's shared model is not compiled.")
             with gradient_checkpointing(host.checkpoint_blocks(), cfg.gradient_checkpointing), \
-                    host.attention(cfg.sdpa):
+                    host.attention(cfg.sdpa), compiled_forward(host.unet, compile_unet, cfg.dynamo_backend):
                 if resume_point is not None:   # every generator as it was at the saved point
                     train_state.set_rng_state(saved_state["rng"], random.Random())
                 if dist.active:   # the same network everywhere (created above from one seed), different noise

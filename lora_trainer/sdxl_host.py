@@ -55,6 +55,7 @@ def default_time_ids(latents: torch.Tensor) -> torch.Tensor:
 class SDXLHost(BaseHost):
     model_kind = "sdxl"
     supports_sampling = True
+    supports_compile = True
 
     def __init__(self, unet, te1, te2, vae, *, scale_factor: float = 0.13025, prediction_type: str = "epsilon",
                  zero_terminal_snr: bool = False, device: str = "cpu", name: str = "model", model_hash: str = "",

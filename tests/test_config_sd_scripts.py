@@ -45,7 +45,7 @@ SD_SCRIPTS_TYPES = {
     "gradient_accumulation_steps": INT, "mixed_precision": STR, "clip_skip": INT, "logging_dir": STR,
     "log_prefix": STR, "noise_offset": FLOAT, "multires_noise_iterations": INT, "multires_noise_discount": FLOAT,
     "zero_terminal_snr": BOOL, "sample_every_n_epochs": INT, "sample_prompts": STR, "sample_sampler": STR,
-    "save_model_as": STR, "cache_text_encoder_outputs": BOOL,
+    "save_model_as": STR, "cache_text_encoder_outputs": BOOL, "torch_compile": BOOL, "dynamo_backend": STR,
     # train_util.add_optimizer_arguments
     "optimizer_type": STR, "learning_rate": FLOAT, "max_grad_norm": FLOAT, "optimizer_args": STR_LIST,
     "lr_scheduler_type": STR, "lr_scheduler_args": STR_LIST, "lr_scheduler": STR,

@@ -214,3 +214,15 @@ def test_run_reports_memory_and_keeps_the_model_storage(sd1_host, tiny_cfg):
     assert progress.memory["model_storage"] == before == storage_fingerprint(sd1_host.modules())
     assert progress.memory["rss_peak_mb"] >= progress.memory["rss_idle_mb"] > 0
     assert "same storage, no copy" in progress.memory_text
+
+
+def test_torch_compile_option_traces_the_patched_unet(sd1_host, tiny_cfg):
+    """torch_compile with the eager backend (tracing only: inductor takes minutes on a CPU) trains as the
+    plain run does, and the UNet's forward is put back afterwards."""
+    a = train(tiny_cfg.replace(max_train_epochs=1, output_name="plain", seed=7), sd1_host)
+    b = train(tiny_cfg.replace(max_train_epochs=1, output_name="comp", seed=7, torch_compile=True,
+                               dynamo_backend="eager"), sd1_host)
+    sa, sb = load_lora(a.final_file)[0], load_lora(b.final_file)[0]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6)
+    assert "forward" not in sd1_host.unet.__dict__

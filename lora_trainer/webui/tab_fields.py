@@ -70,6 +70,8 @@ HIDDEN: Dict[str, str] = {
     "persistent_data_loader_workers": "images are prepared in-process",
     "xformers": "the WebUI's attention is used",
     "sdpa": "the WebUI's attention is used",
+    "torch_compile": "the WebUI's shared model is not compiled (CLI only)",
+    "dynamo_backend": "the WebUI's shared model is not compiled (CLI only)",
 }
 
 # Dropdowns: field -> (choices, custom values allowed)
