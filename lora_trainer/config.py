@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .errors import ConfigError, UserError
+from .dataset.dataset_config import SubsetConfig  # noqa: E402  (the typed [[subsets]]; imports only errors)
 
 CONFIG_VERSION = 1
 
@@ -30,6 +31,8 @@ def _f(default, help: str, section: str, **kw):
 class TrainConfig:
     # --- dataset ---------------------------------------------------------------------------
     train_data_dir: str = _f("", "Folder holding concept folders named N_name (N = repeats).", "dataset")
+    dataset_config: str = _f("", "sd-scripts' dataset config: a TOML with [general], [[datasets]] and [[datasets.subsets]] (image_dir, num_repeats, class_tokens ...). Its subsets are the dataset; train_data_dir is not used.", "dataset")
+    subsets: List[SubsetConfig] = _f([], "LoRA_Easy's [[subsets]] in the training TOML (image_dir, num_repeats, class_tokens, keep_tokens ...): each is a concept; train_data_dir is not used.", "dataset")
     caption_extension: str = _f(".txt", "Caption file extension next to each image.", "captions")
     # --- model (standalone CLI only; the WebUI trains the loaded model) ----------------------
     pretrained_model_name_or_path: str = _f("", "Checkpoint file (.safetensors/.ckpt) for the CLI.", "model")
@@ -151,7 +154,7 @@ class TrainConfig:
     def problems(self, *, need_dataset: bool = True, need_output: bool = True) -> List[str]:
         """Every bad setting, each with the fix. Empty when the config can run."""
         p: List[str] = []
-        if need_dataset and not self.train_data_dir:
+        if need_dataset and not self.train_data_dir and not self.dataset_config and not self.subsets:
             p.append("train_data_dir is empty: set it to the folder holding your N_name concept folders.")
         if need_output and not self.output_dir:
             p.append("output_dir is empty: set the folder the LoRA files are written to.")
@@ -258,6 +261,7 @@ class TrainConfig:
             if f.metadata.get("internal"):
                 continue
             d[f.name] = getattr(self, f.name)
+        d["subsets"] = [s.to_dict() for s in self.subsets]
         d.update(self.unknown)
         return d
 
@@ -274,6 +278,10 @@ class TrainConfig:
             if f.metadata.get("internal"):
                 continue
             v = getattr(self, f.name)
+            if f.name == "subsets":   # LoRA_Easy's key (sd-scripts never reads it): inline tables, left out when empty
+                if v:
+                    d[f.name] = [s.to_dict() for s in v]
+                continue
             if _is_unset(f, v):
                 if not _is_unset(f, _default_of(f)):
                     unset.append(f.name)
@@ -313,9 +321,13 @@ class TrainConfig:
                 unknown[key] = value
                 continue
             try:
+                if key == "subsets":
+                    from .dataset.dataset_config import parse_subsets
+                    values[key] = parse_subsets(value)
+                    continue
                 values[key] = _coerce(known[key], value)
             except (TypeError, ValueError) as e:
-                problems.append(f"{key} = {value!r}: {e}")
+                problems.append(str(e) if key == "subsets" else f"{key} = {value!r}: {e}")
         if problems:
             raise ConfigError(problems)
         cfg = cls(**values)

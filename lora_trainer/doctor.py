@@ -105,14 +105,18 @@ def diagnose(cfg: TrainConfig, subject: Optional[str] = None, model_kind: Option
     from .dataset.triggers import missing_trigger, trigger_words
     from .run import build_data, plan
 
-    subject = subject if subject in MIN_IMAGES else guess_subject(cfg)
-    report = DoctorReport(root=cfg.train_data_dir, subject=subject, batch_size=cfg.train_batch_size)
+    from .dataset.dataset_config import describe, resolve
+    report = DoctorReport(root=describe(cfg), subject="", batch_size=cfg.train_batch_size)
     try:
+        cfg = resolve(cfg)[0]   # a dataset_config's / [[subsets]]' settings (keep_tokens, batch size ...)
+        report.batch_size = cfg.train_batch_size
         data = build_data(cfg)
         pl = plan(cfg, data)
-    except UserError as e:  # DatasetError, a bad resolution, ...
+    except UserError as e:  # DatasetError, a bad resolution, a refused subset ...
         report.error = str(e)
         return report
+    finally:
+        report.subject = subject if subject in MIN_IMAGES else guess_subject(cfg)
     scan = data.scan
     report.images = len(scan.items)
     report.iterations_per_epoch = pl.iterations_per_epoch

@@ -18,7 +18,8 @@ import torch
 
 from .config import TrainConfig
 from .dataset.captions import CaptionRules
-from .dataset.folders import scan_dataset, tag_frequency
+from .dataset.dataset_config import resolve as resolve_dataset
+from .dataset.folders import scan_dataset, scan_subsets, tag_frequency
 from .dataset.train_data import TrainData
 from .errors import ConfigError, TrainingDiverged, UserError
 from .io.lora_file import NonFiniteWeights, load_lora, save_lora, zero_tensors
@@ -80,9 +81,12 @@ def plan(cfg: TrainConfig, data: TrainData, dist=None) -> Plan:
 
 
 def build_data(cfg: TrainConfig) -> TrainData:
+    cfg, subsets, notes = resolve_dataset(cfg)   # a dataset_config's / [[subsets]]' settings, or cfg as it is
     res = cfg.resolution_wh()
-    scan = scan_dataset(cfg.train_data_dir, cfg.caption_extension,
-                        min_side=cfg.min_bucket_reso if cfg.enable_bucket else min(res))
+    min_side = cfg.min_bucket_reso if cfg.enable_bucket else min(res)
+    scan = scan_subsets(subsets, min_side=min_side) if subsets else \
+        scan_dataset(cfg.train_data_dir, cfg.caption_extension, min_side=min_side)
+    scan.warnings[:0] = notes
     rules = CaptionRules(cfg.shuffle_caption, cfg.keep_tokens, cfg.caption_dropout_rate, cfg.caption_tag_dropout_rate)
     return TrainData(scan, resolution=res, enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso,
                      max_bucket_reso=cfg.max_bucket_reso, bucket_reso_steps=cfg.bucket_reso_steps,
@@ -206,6 +210,7 @@ def _train(cfg: TrainConfig, host, *, callbacks: Optional[Callbacks] = None, com
     dist = dist or Dist()
     main = dist.is_main
     cfg.validate()
+    cfg = resolve_dataset(cfg)[0]   # a dataset_config's resolution, batch size ... apply to the whole run
     callbacks = callbacks or Callbacks()
     commands = commands or Commands()
     progress = progress or Progress()

@@ -37,6 +37,8 @@ SD_SCRIPTS_TYPES = {
     "caption_dropout_rate": FLOAT, "caption_tag_dropout_rate": FLOAT, "resolution": STR, "cache_latents": BOOL,
     "cache_latents_to_disk": BOOL, "enable_bucket": BOOL, "min_bucket_reso": INT, "max_bucket_reso": INT,
     "bucket_reso_steps": INT, "bucket_no_upscale": BOOL, "max_token_length": INT,
+    # config_util.add_config_arguments (type=Path; a TOML string is read as the path)
+    "dataset_config": STR,
     # train_util.add_training_arguments
     "output_dir": STR, "output_name": STR, "save_precision": STR, "save_every_n_epochs": INT,
     "save_last_n_epochs": INT, "save_state": BOOL, "resume": STR, "train_batch_size": INT, "xformers": BOOL,
@@ -61,7 +63,9 @@ SD_SCRIPTS_TYPES = {
 
 # keys of ours that no sd-scripts code reads (no `args.<key>` anywhere in its tree; only --log_config's
 # get_sanitized_config_or_none logs every namespace entry, these included, as a tracker hparam)
-NOT_READ_BY_SD_SCRIPTS = {"config_version", "model_config", "save_state_every_n_minutes", UNSET_KEY}
+# ``subsets`` is LoRA_Easy's [[subsets]] (its dataset, inline in the training TOML): sd-scripts reads subsets only
+# from the file named by --dataset_config
+NOT_READ_BY_SD_SCRIPTS = {"config_version", "model_config", "save_state_every_n_minutes", UNSET_KEY, "subsets"}
 
 
 def _type_ok(kind: str, v) -> bool:
@@ -95,7 +99,9 @@ def _configs():
         network_args=["conv_dim=4"], optimizer_args=["weight_decay=0.01"], max_train_steps=500)
     unset = TrainConfig(text_encoder_lr=None, min_snr_gamma=None, max_train_epochs=None, max_train_steps=300,
                         lr_warmup_steps=0.05)
-    return [TrainConfig(), full, unset] + every_preset
+    subsets = TrainConfig.from_dict({"dataset_config": "/d.toml", "subsets": [
+        {"image_dir": "/a", "num_repeats": 3, "keep_tokens": 1, "shuffle_caption": True, "caption_extension": ".txt"}]})
+    return [TrainConfig(), full, unset, subsets] + every_preset
 
 
 def test_every_key_we_know_is_typed_as_sd_scripts_or_listed_as_ours():

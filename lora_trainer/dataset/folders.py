@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..errors import DatasetError
 from .images import IMAGE_EXTENSIONS  # noqa: F401  (the supported types, for callers)
@@ -42,6 +42,10 @@ class ConceptInfo:
     images: int = 0
     missing_captions: int = 0
     empty_captions: int = 0
+    path: Optional[Path] = None          # a subset's image_dir (concept folders: root / folder)
+    caption_extension: str = ""          # a subset's own; "" = the dataset's
+    caption_prefix: str = ""
+    caption_suffix: str = ""
 
 
 @dataclass
@@ -85,6 +89,45 @@ def scan_dataset(root, caption_extension: str = ".txt", min_side: int = 0) -> Da
         caption_extension = "." + caption_extension
     from .scanner import Scanner
     scan = Scanner(root, caption_extension).run()
+    _warn_small(scan, min_side)
+    return scan
+
+
+def scan_subsets(subsets, min_side: int = 0) -> DatasetScan:
+    """Scan sd-scripts-style subsets (:class:`~.dataset_config.Subset`: a folder, its repeats, fallback caption
+    and caption extension) into the same :class:`DatasetScan` as concept folders, with the same checks.
+    A subset's folder needs no ``N_`` prefix; one that is missing or holds no usable image is refused."""
+    import os
+    from .scanner import Scanner
+    dirs = [Path(s.image_dir) for s in subsets]
+    problems = []
+    for d in dirs:
+        if not d.exists():
+            problems.append(f"image_dir {str(d)!r} does not exist: fix the path (relative paths are read from the "
+                            "folder the trainer runs in), or remove the subset.")
+        elif not d.is_dir():
+            problems.append(f"image_dir {str(d)!r} is a file: point it at the folder that holds the images.")
+    if problems:
+        raise DatasetError("Subsets that cannot be read:\n" + "\n".join(f"  - {p}" for p in problems))
+    try:
+        root = Path(os.path.commonpath([str(d.resolve().parent) for d in dirs]))
+    except ValueError:   # different drives
+        root = Path(dirs[0].resolve().anchor)
+    seen: Dict[str, int] = {}
+    infos = []
+    for s, d in zip(subsets, dirs):
+        name = d.resolve().name or str(d)
+        seen[name] = seen.get(name, 0) + 1
+        folder = name if seen[name] == 1 else f"{name} ({seen[name]})"   # ss_dataset_dirs keys stay distinct
+        infos.append(ConceptInfo(folder=folder, name=s.fallback_caption or name, repeats=s.repeats, path=d,
+                                 caption_extension=s.caption_extension, caption_prefix=s.caption_prefix,
+                                 caption_suffix=s.caption_suffix))
+    scan = Scanner(root, ".txt", subsets=True).run_subsets(infos)
+    _warn_small(scan, min_side)
+    return scan
+
+
+def _warn_small(scan: DatasetScan, min_side: int) -> None:
     if min_side:
         small = [it for it in scan.items if min(it.size) < min_side]
         if small:
@@ -92,7 +135,6 @@ def scan_dataset(root, caption_extension: str = ".txt", min_side: int = 0) -> Da
                 f"{len(small)} images are smaller than the smallest bucket ({min_side}px), e.g. {small[0].path.name} "
                 f"{small[0].size[0]}x{small[0].size[1]}: they will be upscaled and look soft. Use larger images or "
                 "lower min_bucket_reso/resolution.")
-    return scan
 
 
 def tag_frequency(items: List[ImageItem]) -> Dict[str, Dict[str, int]]:

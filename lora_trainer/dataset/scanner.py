@@ -91,8 +91,9 @@ def _count_images(folder: Path, cap: int = 100_000) -> int:
 
 
 class Scanner:
-    def __init__(self, root: Path, caption_extension: str):
+    def __init__(self, root: Path, caption_extension: str, subsets: bool = False):
         self.root = root
+        self.subsets = subsets    # scanning dataset-config subsets (any folder name) rather than N_name folders
         self.ext = caption_extension.lower()
         self.scan = DatasetScan(root=root, items=[], concepts=[])
         self.encodings: Dict[str, List[Tuple[str, str]]] = {}   # encoding -> [(caption file, text)]
@@ -104,7 +105,10 @@ class Scanner:
         self.empty: Dict[str, List[str]] = {}     # folder -> empty caption files
 
     def rel(self, p: Path) -> Path:
-        return p.relative_to(self.root)
+        try:
+            return p.relative_to(self.root)
+        except ValueError:
+            return p
 
     def skip(self, p: Path, why: str) -> None:
         self.scan.skipped.append((self.rel(p), why))
@@ -155,9 +159,11 @@ class Scanner:
         return good
 
     # ------------------------------------------------------------ one concept folder
-    def concept(self, d: Path) -> ConceptInfo:
-        m = CONCEPT_RE.match(d.name)
-        info = ConceptInfo(folder=d.name, name=m[2], repeats=int(m[1]))
+    def concept(self, d: Path, info: Optional[ConceptInfo] = None) -> ConceptInfo:
+        if info is None:
+            m = CONCEPT_RE.match(d.name)
+            info = ConceptInfo(folder=d.name, name=m[2], repeats=int(m[1]))
+        cap_ext = (info.caption_extension or self.ext).lower()
         try:
             entries = _entries(d)
         except OSError as e:
@@ -180,7 +186,7 @@ class Scanner:
             if not p.is_file():
                 continue
             ext = extension(p)
-            if ext == self.ext and not hidden:
+            if ext == cap_ext and not hidden:
                 captions[p.stem] = p
             elif ext in IMAGE_EXTENSIONS:
                 images.append(p)
@@ -194,7 +200,7 @@ class Scanner:
         self.orphans += [str(self.rel(c)) for s, c in sorted(captions.items())
                          if s not in used and s.lower() not in stems]
         self.caption_warnings(info)
-        if info.images == 0:
+        if info.images == 0 and not self.subsets:
             self.scan.warnings.append(f"{d.name} has no usable images ({SUPPORTED_TEXT}); it is ignored.")
         return info
 
@@ -207,7 +213,12 @@ class Scanner:
                                           "it is ignored: remove it.")
                 return
         n = _count_images(sub)
-        if n:
+        if n and self.subsets:
+            self.nested += n
+            self.scan.warnings.append(
+                f"{rel} holds {count(n, 'image')} that {_do(n)} not train: only images directly inside a subset's "
+                f"image_dir train. Move them up into {d.name}, or add the subfolder as a subset of its own.")
+        elif n:
             self.nested += n
             self.scan.warnings.append(
                 f"{rel} holds {count(n, 'image')} that {_do(n)} not train: only images directly inside a concept "
@@ -245,6 +256,10 @@ class Scanner:
                 if text.encoding in FALLBACK_ENCODINGS:
                     self.encodings.setdefault(text.encoding, []).append((str(self.rel(cap_file)), text.text))
                 source, cap = ("file", text.text) if text.text else ("empty", info.name)
+        if info.caption_prefix:   # as sd-scripts: prefix + " " + caption + " " + suffix, before shuffling
+            cap = f"{info.caption_prefix} {cap}"
+        if info.caption_suffix:
+            cap = f"{cap} {info.caption_suffix}"
         if source == "missing":
             info.missing_captions += 1
         elif source == "empty":
@@ -266,9 +281,28 @@ class Scanner:
 
     # ------------------------------------------------------------ the whole dataset
     def run(self) -> DatasetScan:
-        scan = self.scan
         for d in self.concept_folders():
-            scan.concepts.append(self.concept(d))
+            self.scan.concepts.append(self.concept(d))
+        return self.finish()
+
+    def run_subsets(self, infos: List[ConceptInfo]) -> DatasetScan:
+        """Scan each subset's folder as a concept folder; a subset without a usable image is refused."""
+        empty = []
+        for info in infos:
+            self.concept(info.path, info)
+            self.scan.concepts.append(info)
+            if not info.images:
+                bad = [f"{p.name}: {why}" for p, why in self.scan.skipped
+                       if Path(self.root, p).parent.resolve() == Path(info.path).resolve()]
+                empty.append(f"{info.path}: no usable images ({SUPPORTED_TEXT})"
+                             + (f"; skipped: {'; '.join(bad[:LISTED])}" if bad else ""))
+        if empty:
+            raise DatasetError("These subsets hold no image that can train:\n" + "\n".join(f"  - {e}" for e in empty)
+                               + "\nAdd images (or fix the skipped files), correct image_dir, or remove the subset.")
+        return self.finish()
+
+    def finish(self) -> DatasetScan:
+        scan = self.scan
         w = scan.warnings
         for enc, files in self.encodings.items():
             name, (first, text) = FALLBACK_ENCODINGS[enc], files[0]
@@ -279,7 +313,8 @@ class Scanner:
         if self.orphans:
             w.append(f"{count(len(self.orphans), 'caption file')} without an image of the same name "
                      f"({_be(self.orphans, 'it is', 'they are')} not used): {listing(self.orphans)}. Give each the "
-                     f"name of its image (001.png + 001{self.ext}), or remove it.")
+                     f"name of its image (001.png + 001{self.ext if not self.subsets else '<caption_extension>'}), "
+                     "or remove it.")
         if self.transparent:
             w.append(f"{count(len(self.transparent), 'image')} with transparent areas, which train as white: "
                      f"{listing(self.transparent)}. If another background suits them, flatten them yourself.")

@@ -56,7 +56,7 @@ def check_dataset(values: Dict[str, Any], subject: str) -> str:
         cfg = config(values)
     except UserError as e:
         return f"❌ {e}"
-    if not cfg.train_data_dir:
+    if not cfg.train_data_dir and not cfg.dataset_config:
         return "Choose the dataset folder (it holds concept folders named N_name, N = repeats), then press Check."
     try:
         return diagnose(cfg, subject=subject or None, model_kind=_loaded_model_kind()).to_markdown()

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 # (key, title, rows of field names, open at start), in the guide's order. One inner list = one row
 # of the form: a field alone fills the row (paths, argument lists); short ones share it.
 SECTIONS: List[Tuple[str, str, List[List[str]], bool]] = [
-    ("dataset", "Dataset", [["train_data_dir"]], True),
+    ("dataset", "Dataset", [["train_data_dir"], ["dataset_config"]], True),
     ("network", "Network", [
         ["network_module", "network_dim", "network_alpha"],
         ["network_args"],
@@ -72,6 +72,8 @@ HIDDEN: Dict[str, str] = {
     "sdpa": "the WebUI's attention is used",
     "torch_compile": "the WebUI's shared model is not compiled (CLI only)",
     "dynamo_backend": "the WebUI's shared model is not compiled (CLI only)",
+    "subsets": "inline [[subsets]] are read by the CLI and the HTTP API; in the tab, put them in a dataset TOML "
+               "([[datasets.subsets]]) and set dataset_config",
 }
 
 # Dropdowns: field -> (choices, custom values allowed)
